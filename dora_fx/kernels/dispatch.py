@@ -1,0 +1,60 @@
+"""Choose, per call, between the Triton kernels and the reference math.
+
+The Triton kernels serve CUDA tensors. Everything else, and any call whose kernel fails to compile or
+launch, runs :mod:`dora_fx.kernels.reference`; a failing kernel is reported once per op and reason
+through ``logging`` and ``warnings``, and the model keeps running.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+
+import torch
+
+from dora_fx.kernels import reference
+
+log = logging.getLogger(__name__)
+
+_KERNEL_MODULE = {
+    "weight_norm": "dora_fx.kernels.norm",
+    "compose": "dora_fx.kernels.compose",
+    "compose_backward": "dora_fx.kernels.compose",
+}
+_reported_failures: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _on_cuda(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
+def _report_failure(name: str, exc: Exception) -> None:
+    key = (name, type(exc).__name__)
+    if key in _reported_failures:
+        return
+    _reported_failures.add(key)
+    message = f"dora_fx: the Triton kernel for {name} failed ({type(exc).__name__}: {exc}); using the reference math"
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def call(name: str, *args):
+    """Run op ``name`` on ``args`` with its Triton kernel where it applies, else the reference."""
+    if _on_cuda(args) and triton_available():
+        kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)
+        try:
+            return kernel(*args)
+        except Exception as exc:  # compile or launch failure: fall back, once reported
+            _report_failure(name, exc)
+    return getattr(reference, name)(*args)

@@ -1,0 +1,129 @@
+"""Plain-PyTorch math of the dora_fx ops: the CPU implementation and the oracle for the Triton kernels.
+
+Notation (DESIGN.md §3, §4): frozen weight ``W [d_out, d_in]`` (stored ``[d_in, d_out]`` when
+``fan_in_fan_out``), LoRA ``A [r, d_in]``, ``B [d_out, r]``, scaling ``s``, magnitude ``m [d_out]``,
+``norm = ||W + s·B·A||_row`` and ``g = m / norm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def norm_dtype(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.dtype:
+    """dtype of the factored norm: float32, or float64 when any input is float64."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))
+
+
+def weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """Row norms of ``W + s·B·A`` in float32, without forming the ``[d_out, d_in]`` product.
+
+    ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, (W Aᵀ)_i> + s²<B_i, (B G)_i>`` with ``G = A Aᵀ``.
+    Everything is accumulated in float32 (float64 inputs stay float64); the squared norm is clamped
+    at zero before the square root because cancellation can push it slightly negative.
+    """
+    acc = norm_dtype(weight, lora_A, lora_B)
+    w = weight.to(acc)
+    a = lora_A.to(acc)
+    b = lora_B.to(acc)
+    if fan_in_fan_out:  # stored [d_in, d_out]: rows of Wᵀ are columns of w
+        w_sq = w.square().sum(dim=0)
+        u = (a @ w).T  # [d_out, r]
+    else:
+        w_sq = w.square().sum(dim=1)
+        u = w @ a.T  # [d_out, r]
+    gram = a @ a.T  # [r, r]
+    cross = (b * u).sum(dim=1)
+    lora_sq = (b * (b @ gram)).sum(dim=1)
+    squared = w_sq + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
+    return squared.clamp_min(0.0).sqrt()
+
+
+def compose_dtype(
+    result: torch.Tensor, base: torch.Tensor | None, lora: torch.Tensor, magnitude: torch.Tensor
+) -> torch.dtype:
+    """dtype of the composed output: PEFT's type promotion of the tensors it combines (norm excluded)."""
+    dtype = torch.promote_types(result.dtype, lora.dtype)
+    if base is not None:
+        dtype = torch.promote_types(dtype, base.dtype)
+    return torch.promote_types(dtype, magnitude.dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def effective_base(result: torch.Tensor, base: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """The base-layer output without bias: ``base`` when given, else ``result - bias`` (or ``result``)."""
+    if base is not None:
+        return base
+    if bias is not None:
+        return result - bias
+    return result
+
+
+def compose(
+    result: torch.Tensor,
+    base: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``, computed in float32, rounded once.
+
+    ``g - 1`` is evaluated as ``(m - norm) / norm`` so that it does not cancel when ``m ≈ norm``.
+    ``base`` is ``None`` when PEFT reuses the base layer's output; then ``base = result - bias``.
+    """
+    out_dtype = compose_dtype(result, base, lora, magnitude)
+    acc = _accumulation_dtype(out_dtype)
+    m = magnitude.to(acc)
+    n = norm.to(acc)
+    g = m / n
+    g_minus_1 = (m - n) / n
+    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
+    out = result.to(acc) + g_minus_1 * base_eff + (g * scaling) * lora.to(acc)
+    return out.to(out_dtype)
+
+
+def compose_backward(
+    grad_out: torch.Tensor,
+    result: torch.Tensor,
+    base: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`compose` (``norm`` is detached in PEFT and gets none).
+
+    Returns ``(grad_main, grad_lora, grad_magnitude)``:
+
+    - ``grad_main``: ``g·d`` for ``result`` when ``base`` is ``None`` (``result`` also stands in for the
+      base), else ``(g - 1)·d`` for ``base`` (``result`` then simply receives ``d``);
+    - ``grad_lora = g·s·d``;
+    - ``grad_magnitude = Σ_tokens d·(base + s·lora) / norm``.
+    """
+    acc = _accumulation_dtype(grad_out.dtype)
+    d = grad_out.to(acc)
+    m = magnitude.to(acc)
+    n = norm.to(acc)
+    g = m / n
+    if base is None:
+        grad_main = (g * d).to(result.dtype)
+    else:
+        grad_main = (((m - n) / n) * d).to(base.dtype)
+    grad_lora = ((g * scaling) * d).to(lora.dtype)
+    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
+    per_token = d * (base_eff + scaling * lora.to(acc))
+    grad_magnitude = (per_token.reshape(-1, per_token.shape[-1]).sum(dim=0) / n).to(magnitude.dtype)
+    return grad_main, grad_lora, grad_magnitude

@@ -1,0 +1,156 @@
+"""The dora_fx custom ops that rewritten graphs call (registered with ``torch.library``).
+
+``dora_fx::weight_norm``
+    Row norms of ``W + s·B·A`` from the factored form, float32, ``[d_out]``. No gradient: PEFT
+    detaches the norm.
+``dora_fx::compose``
+    ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
+    is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
+    ``lora`` and ``magnitude``; its backward is ``dora_fx::compose_backward``.
+
+On CUDA the ops launch the Triton kernels of :mod:`dora_fx.kernels`; elsewhere they run the
+reference math of :mod:`dora_fx.kernels.reference`. Each op validates its inputs, in eager calls
+and when traced with fake tensors, so a bad call fails with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dora_fx.kernels import dispatch, reference
+
+Tensor = torch.Tensor
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"dora_fx: {message}")
+
+
+def _check_same_device(op: str, *tensors: Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    _require(len(devices) <= 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_norm_inputs(weight: Tensor, lora_A: Tensor, lora_B: Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+    _require(weight.dim() == 2, f"weight_norm: weight must be 2-D, got shape {tuple(weight.shape)}")
+    _require(lora_A.dim() == 2 and lora_B.dim() == 2, "weight_norm: lora_A and lora_B must be 2-D")
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    r = lora_A.shape[0]
+    _require(
+        lora_A.shape[1] == d_in and tuple(lora_B.shape) == (d_out, r),
+        f"weight_norm: shapes do not chain: weight {tuple(weight.shape)} (fan_in_fan_out={fan_in_fan_out}), "
+        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}",
+    )
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _require(t.dtype.is_floating_point, f"weight_norm: {name} must be floating point, got {t.dtype}")
+    _check_same_device("weight_norm", weight, lora_A, lora_B)
+    return d_out, d_in
+
+
+def _check_compose_inputs(
+    result: Tensor, base: Tensor | None, bias: Tensor | None, lora: Tensor, magnitude: Tensor, norm: Tensor
+) -> None:
+    features = result.shape[-1] if result.dim() else -1
+    _require(result.dim() >= 1, "compose: result must have at least one dimension")
+    _require(lora.shape == result.shape, f"compose: lora {tuple(lora.shape)} and result {tuple(result.shape)} differ")
+    _require(base is None or base.shape == result.shape, "compose: base and result shapes differ")
+    _require(base is None or bias is None, "compose: pass bias only when base is None (base = result - bias)")
+    for name, vec in (("magnitude", magnitude), ("norm", norm), ("bias", bias)):
+        _require(
+            vec is None or tuple(vec.shape) == (features,),
+            f"compose: {name} must have shape ({features},), got {None if vec is None else tuple(vec.shape)}",
+        )
+    _check_same_device("compose", result, base, bias, lora, magnitude, norm)
+
+
+@torch.library.custom_op("dora_fx::weight_norm", mutates_args=())
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
+    return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+@weight_norm.register_fake
+def _weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
+    d_out, _ = _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
+    return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
+
+
+def _weight_norm_backward(ctx, grad):
+    return None, None, None, None, None
+
+
+weight_norm.register_autograd(_weight_norm_backward)
+
+
+@torch.library.custom_op("dora_fx::compose", mutates_args=())
+def compose(
+    result: Tensor,
+    base: Tensor | None,
+    bias: Tensor | None,
+    lora: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    scaling: float,
+) -> Tensor:
+    _check_compose_inputs(result, base, bias, lora, magnitude, norm)
+    return dispatch.call("compose", result, base, bias, lora, magnitude, norm, scaling)
+
+
+@compose.register_fake
+def _compose_fake(result, base, bias, lora, magnitude, norm, scaling):
+    _check_compose_inputs(result, base, bias, lora, magnitude, norm)
+    return torch.empty_like(result, dtype=reference.compose_dtype(result, base, lora, magnitude))
+
+
+@torch.library.custom_op("dora_fx::compose_backward", mutates_args=())
+def compose_backward(
+    grad_out: Tensor,
+    result: Tensor,
+    base: Tensor | None,
+    bias: Tensor | None,
+    lora: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.call("compose_backward", grad_out, result, base, bias, lora, magnitude, norm, scaling)
+
+
+@compose_backward.register_fake
+def _compose_backward_fake(grad_out, result, base, bias, lora, magnitude, norm, scaling):
+    main = base if base is not None else result
+    return (
+        torch.empty_like(grad_out, dtype=main.dtype),
+        torch.empty_like(grad_out, dtype=lora.dtype),
+        torch.empty_like(magnitude),
+    )
+
+
+def _compose_setup_context(ctx, inputs, output):
+    result, base, bias, lora, magnitude, norm, scaling = inputs
+    ctx.scaling = scaling
+    ctx.has_base = base is not None
+    # Only the tensors the backward reads: the base (or result and bias that make it), lora, m, norm.
+    ctx.save_for_backward(None if ctx.has_base else result, base, bias, lora, magnitude, norm)
+
+
+def _compose_backward(ctx, grad_out):
+    result, base, bias, lora, magnitude, norm = ctx.saved_tensors
+    if ctx.has_base:
+        # ``result`` is not saved in this form; compose_backward only needs its dtype and shape.
+        result = base
+    grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+        grad_out, result, base, bias, lora, magnitude, norm, ctx.scaling
+    )
+    grad_bias = None
+    if bias is not None and ctx.needs_input_grad[2]:
+        # out = g·result - (g - 1)·bias + ..., so d out / d bias = -(g - 1) per feature.
+        g_minus_1 = (magnitude.float() - norm.float()) / norm.float()
+        grad_bias = (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(bias.dtype)
+    if ctx.has_base:
+        return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
+    return grad_main, None, grad_bias, grad_lora, grad_magnitude, None, None
+
+
+compose.register_autograd(_compose_backward, setup_context=_compose_setup_context)
