@@ -1,0 +1,21 @@
+"""dora_fx: a torch.compile backend that rewrites PEFT DoRA layers into a factored norm and one fused
+composition.
+
+    model = torch.compile(peft_model, backend=dora_fx.dora_backend)   # or backend="dora"
+    print(dora_fx.last_report())
+"""
+
+from dora_fx.backend import DoraBackend, dora_backend, last_report, reset_report
+from dora_fx.report import GraphReport, NearMiss, Report, Rewrite
+
+__all__ = [
+    "DoraBackend",
+    "GraphReport",
+    "NearMiss",
+    "Report",
+    "Rewrite",
+    "dora_backend",
+    "last_report",
+    "reset_report",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""The ``torch.compile`` backend: rewrite DoRA regions, then hand the graph to the inner compiler."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from dora_fx import compat
+from dora_fx.passes.pipeline import run_passes
+from dora_fx.report import GraphReport, Report
+
+log = logging.getLogger(__name__)
+
+CompilerFn = Callable[[fx.GraphModule, list], Callable]
+_graph_ids = itertools.count()
+_last_report = Report()
+
+
+def _resolve(inner: str | CompilerFn) -> CompilerFn:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    return torch._dynamo.lookup_backend(inner)
+
+
+class DoraBackend:
+    """A configurable dora_fx backend.
+
+    ``DoraBackend()`` rewrites and compiles with Inductor; ``DoraBackend(inner="aot_eager")`` (or any
+    Dynamo backend name or compiler function) hands the rewritten graph to that instead, and
+    ``DoraBackend(rewrite=False)`` only reports. ``backend.report`` accumulates over every graph this
+    backend compiled; :func:`last_report` gives the graphs of the most recent ``torch.compile`` call
+    of any dora_fx backend.
+    """
+
+    def __init__(self, inner: str | CompilerFn = "inductor", rewrite: bool = True):
+        compat.install()
+        self.inner = inner
+        self.rewrite = rewrite
+        self.report = Report()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        graph_id = next(_graph_ids)
+        if self.rewrite:
+            graph_report = run_passes(gm, graph_id)
+        else:
+            graph_report = GraphReport(graph_id)
+        self.report.graphs.append(graph_report)
+        _record(graph_report)
+        log.info(
+            "dora_fx: graph %d: %d rewrite(s), %d near-miss(es), pass %.3f s",
+            graph_id,
+            len(graph_report.rewrites),
+            len(graph_report.near_misses),
+            graph_report.pass_seconds,
+        )
+        return _resolve(self.inner)(gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"DoraBackend(inner={self.inner!r}, rewrite={self.rewrite})"
+
+
+def _record(graph_report: GraphReport) -> None:
+    _last_report.graphs.append(graph_report)
+
+
+def reset_report() -> None:
+    """Forget the graphs that :func:`last_report` holds."""
+    _last_report.graphs.clear()
+
+
+def last_report() -> Report:
+    """The report over every graph any dora_fx backend compiled since the last :func:`reset_report`."""
+    return _last_report
+
+
+def dora_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """``torch.compile(model, backend=dora_backend)``: rewrite DoRA regions, compile with Inductor."""
+    return _default_backend(gm, example_inputs)
+
+
+_default_backend = DoraBackend()

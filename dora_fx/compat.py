@@ -1,0 +1,41 @@
+"""Keep Dynamo from breaking the graph inside PEFT's DoRA layers, without patching PEFT.
+
+PEFT's ``dequantize_module_weight`` asks ``type(module.weight).__module__.startswith("torchao.")``,
+which Dynamo (torch 2.13) cannot trace: it breaks the graph in every DoRA layer, and the dense
+``B·A`` product lands in a graph of its own, out of the rewrite's reach. We register a traceable
+stand-in with ``torch._dynamo.substitute_in_graph``: for a plain ``nn.Parameter`` weight it returns
+the weight, exactly what PEFT returns; every other case (HQQ, torchao, bitsandbytes, FSDP shards)
+runs PEFT's own function eagerly, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def install() -> bool:
+    """Register the stand-in once; returns whether PEFT was found and the stand-in registered."""
+    try:
+        from peft.utils import integrations
+    except ImportError:
+        return False
+    original = integrations.dequantize_module_weight
+    eager = torch._dynamo.disable(original)
+
+    @torch._dynamo.substitute_in_graph(original)
+    def dequantize_module_weight(module: nn.Module) -> nn.Parameter:
+        if not hasattr(module, "W_q"):
+            weight = getattr(module, "weight", None)
+            if type(weight) is nn.Parameter:
+                return weight
+        return eager(module)
+
+    log.debug("dora_fx: registered a traceable stand-in for peft's dequantize_module_weight")
+    return True

@@ -1,0 +1,364 @@
+"""Rewrite PEFT's DoRA ``lora.Linear`` into dora_fx's factored norm and fused composition.
+
+Matches (PEFT 0.21 ``DoraLinearLayer.forward`` as Dynamo traces it; ``.to``/``.detach`` looked through)::
+
+    dense = linear(linear(eye(d_in), A), B).T            # [d_out, d_in]: the product we remove
+    norm  = linalg_norm(W' + s * dense, dim=1)           # W' = W, or W.T when fan_in_fan_out
+    g     = (m / norm).view(1, -1)
+    lora  = linear(linear(x, A), B)                      # x is dropout(x) when dropout is active
+    out   = result + ((g - 1) * base + g * lora * s)
+    base  = result | result - bias | linear(x, W')       # reused base, without / with bias | dropout
+
+Rewrite to::
+
+    norm = dora_fx.weight_norm(W, A, B, s, fan_in_fan_out)       # never forms dense
+    out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
+
+Anything that matches only part of this (another scaling in the output than in the norm, a norm over
+another dimension, a dense product that something else also reads, ...) is left alone and reported
+as a near-miss with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
+from dora_fx.kernels import reference
+from dora_fx.passes import graph_view as gv
+from dora_fx.report import NearMiss, Rewrite, module_path
+
+log = logging.getLogger(__name__)
+
+NORM_PATTERN = gv.Pattern(
+    nodes={
+        "eye": gv.EYE, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "m": gv.ANY,
+        "a_eye": gv.LINEAR, "dense": gv.LINEAR, "dense_t": gv.TRANSPOSE, "scaled": gv.MUL,
+        "summed": gv.ADD, "norm": gv.NORM, "g": gv.DIV, "g_row": gv.VIEW,
+    },
+    edges=(
+        ("eye", "a_eye", 0), ("A", "a_eye", 1), ("a_eye", "dense", 0), ("B", "dense", 1),
+        ("dense", "dense_t", 0), ("dense_t", "scaled", None), ("W", "summed", None),
+        ("scaled", "summed", None), ("summed", "norm", 0), ("m", "g", 0), ("norm", "g", 1),
+        ("g", "g_row", 0),
+    ),
+)
+
+_COMPOSE_NODES = {
+    "g_row": gv.ANY, "A": gv.ANY, "B": gv.ANY, "x": gv.ANY, "result": gv.ANY,
+    "a_x": gv.LINEAR, "lora": gv.LINEAR, "g_m1": gv.SUB, "t_base": gv.MUL, "t_lora": gv.MUL,
+    "t_lora_s": gv.MUL, "dora": gv.ADD, "out": gv.ADD,
+}
+_COMPOSE_EDGES = (
+    ("x", "a_x", 0), ("A", "a_x", 1), ("a_x", "lora", 0), ("B", "lora", 1), ("g_row", "g_m1", 0),
+    ("g_m1", "t_base", None), ("g_row", "t_lora", None), ("lora", "t_lora", None),
+    ("t_lora", "t_lora_s", None), ("t_base", "dora", None), ("t_lora_s", "dora", None),
+    ("result", "out", None), ("dora", "out", None),
+)
+# PEFT passes a separate base term (result - bias, or a second GEMM on dropout(x)) ...
+COMPOSE_PATTERN = gv.Pattern(
+    nodes={**_COMPOSE_NODES, "base": gv.ANY}, edges=_COMPOSE_EDGES + (("base", "t_base", None),)
+)
+# ... or, without bias and dropout, the base layer's output itself.
+COMPOSE_REUSED_RESULT_PATTERN = gv.Pattern(nodes=_COMPOSE_NODES, edges=_COMPOSE_EDGES + (("result", "t_base", None),))
+
+# Pattern nodes whose values the rewrite replaces: each must feed only the region (or be ``out``).
+_INTERIOR = ("eye", "a_eye", "dense", "dense_t", "scaled", "summed", "norm", "g", "g_row",
+             "g_m1", "t_base", "t_lora", "t_lora_s", "dora")
+_DENSE_PRODUCT = ("eye", "a_eye", "dense", "dense_t", "scaled", "summed", "norm")
+
+
+class NoMatch(Exception):
+    """A candidate is not a rewritable DoRA region; ``report`` says whether it is worth a near-miss."""
+
+    def __init__(self, reason: str, report: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.report = report
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise NoMatch(reason)
+
+
+@dataclasses.dataclass
+class Region:
+    """A matched DoRA Linear: pattern nodes plus what the rewrite needs."""
+
+    nodes: dict[str, fx.Node]
+    weight: fx.Node
+    fan_in_fan_out: bool
+    scaling: float
+    base: fx.Node | None
+    bias: fx.Node | None
+    variant: str
+    d_out: int
+    d_in: int
+    r: int
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = gv.value(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _has_no_bias(linear: fx.Node) -> bool:
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return bias is None
+
+
+def _norm_arguments(node: fx.Node) -> tuple[object, object, bool, object]:
+    """``(ord, dim, keepdim, dtype)`` of a norm call in any of its spellings."""
+    if node.op == "call_function" and node.target in (torch.linalg.norm, torch.linalg.vector_norm):
+        names = ("ord", "dim", "keepdim")
+        default_ord = None if node.target is torch.linalg.norm else 2
+    else:  # torch.norm / Tensor.norm
+        names = ("p", "dim", "keepdim")
+        default_ord = "fro"
+    values = dict(zip(names, node.args[1:]))
+    values.update({k: v for k, v in node.kwargs.items() if k in names})
+    return (
+        values.get(names[0], default_ord),
+        values.get("dim"),
+        bool(values.get("keepdim", False)),
+        node.kwargs.get("dtype"),
+    )
+
+
+def _is_row_l2_norm(node: fx.Node) -> bool:
+    order, dim, keepdim, dtype = _norm_arguments(node)
+    return order in (None, 2, 2.0, "fro") and dim in (1, -1, (1,), (-1,), [1], [-1]) and not keepdim and dtype is None
+
+
+def _canonical_weight(node: fx.Node) -> tuple[fx.Node, bool]:
+    """``(stored weight, transposed?)`` for a weight operand ``W`` or ``W.T`` (through casts)."""
+    node = gv.producer(node)
+    if gv.kind_of(node) == gv.TRANSPOSE:
+        return gv.producer(node.args[0]), True
+    return node, False
+
+
+def _check_norm(nodes: dict[str, fx.Node]) -> dict:
+    eye, A, B, m = nodes["eye"], nodes["A"], nodes["B"], nodes["m"]
+    a_shape, b_shape, m_shape = _shape(A), _shape(B), _shape(m)
+    _require(a_shape is not None and len(a_shape) == 2, "lora_A is not a 2-D tensor")
+    r, d_in = a_shape
+    _require(b_shape is not None and len(b_shape) == 2 and b_shape[1] == r, "lora_B does not chain with lora_A")
+    d_out = b_shape[0]
+    eye_n = eye.args[0] if eye.args else eye.kwargs.get("n")
+    eye_m = eye.args[1] if len(eye.args) > 1 else eye.kwargs.get("m")
+    _require(eye_n == d_in and eye_m in (None, d_in), f"eye({eye_n}) is not the identity of lora_A's {d_in} inputs")
+    _require(_has_no_bias(nodes["a_eye"]) and _has_no_bias(nodes["dense"]), "a LoRA linear has a bias (lora_bias)")
+    scaling = gv.scalar_operand(nodes["scaled"])
+    _require(scaling is not None, "the scaling of the dense product is not a Python number")
+    _require(_is_row_l2_norm(nodes["norm"]), "the norm is not the row-wise L2 norm (dim=1)")
+    weight, fan_in_fan_out = _canonical_weight(nodes["W"])
+    w_shape = _shape(weight)
+    expected = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    _require(w_shape == expected, f"base weight shape {w_shape} does not match the LoRA shapes {expected}")
+    _require(m_shape == (d_out,), f"magnitude shape {m_shape} is not ({d_out},)")
+    row = nodes["g_row"]
+    _require(tuple(row.args[1:]) in ((1, -1), ((1, -1),)), "g = m / norm is not reshaped with .view(1, -1)")
+    return dict(weight=weight, fan_in_fan_out=fan_in_fan_out, scaling=scaling, d_out=d_out, d_in=d_in, r=r)
+
+
+def _classify_base(nodes: dict[str, fx.Node], weight: fx.Node, fan_in_fan_out: bool, d_out: int):
+    """``(base, bias, variant)`` arguments of dora_fx.compose for PEFT's base term."""
+    base, result = nodes.get("base"), nodes["result"]
+    if base is None:
+        return None, None, "reused base"
+    kind = gv.kind_of(base)
+    if kind == gv.SUB and len(base.args) == 2 and all(isinstance(a, fx.Node) for a in base.args):
+        _require(gv.producer(base.args[0]) is result, "base = a - b where a is not the base layer's result")
+        bias = gv.producer(base.args[1])
+        _require(_shape(bias) == (d_out,), f"base = result - b where b has shape {_shape(bias)}, not ({d_out},)")
+        return None, bias, "reused base, bias"
+    if kind == gv.LINEAR:
+        _require(_has_no_bias(base), "the recomputed base GEMM has a bias")
+        _require(
+            gv.producer(base.args[0]) is gv.producer(nodes["a_x"].args[0]),
+            "the recomputed base GEMM reads another input than the LoRA path",
+        )
+        _require(
+            _canonical_weight(base.args[1]) == (weight, fan_in_fan_out),
+            "the recomputed base GEMM uses another weight than the norm",
+        )
+        return base, None, "recomputed base (dropout)"
+    raise NoMatch(f"the base term is {base.name} ({kind}), not result, result - bias or linear(x, W)")
+
+
+def _check_compose(nodes: dict[str, fx.Node], norm_info: dict) -> tuple[fx.Node | None, fx.Node | None, str]:
+    _require(_has_no_bias(nodes["a_x"]) and _has_no_bias(nodes["lora"]), "a LoRA linear has a bias (lora_bias)")
+    g_m1 = nodes["g_m1"]
+    _require(gv.scalar_operand(g_m1) == 1.0 and g_m1.args[1] == 1, "the base factor is not g - 1")
+    out_scaling = gv.scalar_operand(nodes["t_lora_s"])
+    _require(
+        out_scaling == norm_info["scaling"],
+        f"the output's scaling {out_scaling} differs from the norm's scaling {norm_info['scaling']}",
+    )
+    result_shape = _shape(nodes["result"])
+    _require(
+        result_shape is not None and result_shape[-1] == norm_info["d_out"] and _shape(nodes["lora"]) == result_shape,
+        f"result {result_shape} and lora {_shape(nodes['lora'])} are not [..., {norm_info['d_out']}]",
+    )
+    return _classify_base(nodes, norm_info["weight"], norm_info["fan_in_fan_out"], norm_info["d_out"])
+
+
+def _check_exclusive(nodes: dict[str, fx.Node]) -> None:
+    """Each replaced value must feed only the region; else the rewrite would not remove it."""
+    region = set(nodes.values())
+    for name in _INTERIOR:
+        node = nodes.get(name)
+        if node is None:
+            continue
+        outside = [u for u in gv.real_users(node) if u not in region]
+        if outside:
+            what = "the dense product" if name in _DENSE_PRODUCT else "an intermediate of the DoRA output"
+            raise NoMatch(f"{what} ({node.name}) is also used by {outside[0].name} outside the DoRA region")
+    if "base" in nodes and gv.kind_of(nodes["base"]) == gv.SUB:
+        outside = [u for u in gv.real_users(nodes["base"]) if u not in region]
+        if outside:
+            raise NoMatch(f"result - bias ({nodes['base'].name}) is also used by {outside[0].name}")
+
+
+def match_region(anchor: fx.Node) -> Region:
+    """The DoRA region around norm node ``anchor``; raises :class:`NoMatch` with the reason."""
+    norm_area = gv.neighbourhood(anchor, up=6, down=2)
+    candidates = list(gv.match(NORM_PATTERN, norm_area, {"norm": anchor}))
+    if not candidates:
+        has_eye = any(gv.kind_of(n) == gv.EYE for n in norm_area)
+        raise NoMatch("the norm's input is not W + s * linear(linear(eye, A), B).T", report=has_eye)
+    failures = []
+    for norm_nodes in candidates:
+        try:
+            norm_info = _check_norm(norm_nodes)
+        except NoMatch as exc:
+            failures.append(exc)
+            continue
+        pinned = {k: norm_nodes[k] for k in ("g_row", "A", "B")}
+        compose_area = gv.neighbourhood(norm_nodes["g_row"], up=3, down=4)
+        found = False
+        for pattern in (COMPOSE_PATTERN, COMPOSE_REUSED_RESULT_PATTERN):
+            for compose_nodes in gv.match(pattern, compose_area, pinned):
+                found = True
+                nodes = {**norm_nodes, **compose_nodes}
+                try:
+                    base, bias, variant = _check_compose(nodes, norm_info)
+                    _check_exclusive(nodes)
+                except NoMatch as exc:
+                    failures.append(exc)
+                    continue
+                if norm_info["fan_in_fan_out"]:
+                    variant += ", fan_in_fan_out"
+                return Region(nodes=nodes, base=base, bias=bias, variant=variant, **norm_info)
+        if not found:
+            failures.append(NoMatch("g = m / norm is not used as result + (g - 1) * base + g * lora * s"))
+    raise failures[0]
+
+
+def _fake_value(target, args):
+    """Run ``target``'s fake implementation on the example values of ``args``."""
+    vals = map_arg(args, gv.value)
+    fake_mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
+    with fake_mode:
+        return target(*vals)
+
+
+def _removable(region: Region) -> list[fx.Node]:
+    """Nodes that may die once ``out`` is replaced: interior nodes and the casts between them."""
+    nodes = [region.nodes[n] for n in _INTERIOR if n in region.nodes]
+    if region.bias is not None:
+        nodes.append(region.nodes["base"])
+    nodes.append(region.nodes["W"])
+    nodes += [region.nodes["out"]]
+    extra = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            extra += gv.transparent_chain(arg)
+    return nodes + extra
+
+
+def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
+    """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead."""
+    graph = gm.graph
+    nodes = region.nodes
+    out = nodes["out"]
+    norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
+    norm_val = _fake_value(torch.ops.dora_fx.weight_norm.default, norm_args)
+    with graph.inserting_before(nodes["norm"]):
+        new_norm = graph.call_function(torch.ops.dora_fx.weight_norm.default, norm_args)
+    new_norm.meta.update(val=norm_val, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
+    compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
+    with graph.inserting_before(out):
+        new_out = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
+    new_out.meta.update(
+        val=_fake_value(torch.ops.dora_fx.compose.default, compose_args),
+        nn_module_stack=out.meta.get("nn_module_stack", {}),
+        stack_trace=out.meta.get("stack_trace"),
+    )
+    out.replace_all_uses_with(new_out)
+    _erase_dead(graph, _removable(region))
+    dense = gv.value(nodes["dense"])
+    return Rewrite(
+        module=module_path(out),
+        d_out=region.d_out,
+        d_in=region.d_in,
+        r=region.r,
+        scaling=region.scaling,
+        dtype=str(gv.value(nodes["result"]).dtype).removeprefix("torch."),
+        variant=region.variant,
+        dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
+    )
+
+
+def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(set(candidates), key=order.__getitem__, reverse=True):
+        if not node.users and node.op not in ("placeholder", "output"):
+            graph.erase_node(node)
+
+
+def _compose_dtype_matches(region: Region) -> bool:
+    """dora_fx.compose promotes like PEFT; guard against a graph whose output dtype says otherwise."""
+    nodes = region.nodes
+    want = gv.value(nodes["out"]).dtype
+    vals = [gv.value(nodes[k]) for k in ("result", "lora", "m")]
+    base = gv.value(region.base) if region.base is not None else None
+    return reference.compose_dtype(vals[0], base, vals[1], vals[2]) == want
+
+
+def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:
+    """Rewrite every PEFT DoRA Linear region of ``gm`` in place."""
+    rewrites, near_misses = [], []
+    explained_eyes: set[fx.Node] = set()
+    alive = set(gm.graph.nodes)
+    for anchor in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.NORM]:
+        if anchor not in alive:  # erased by an earlier rewrite
+            continue
+        where = f"{module_path(anchor)} ({anchor.name})"
+        try:
+            region = match_region(anchor)
+            _require(_compose_dtype_matches(region), "the output dtype differs from dora_fx.compose's promotion")
+        except NoMatch as exc:
+            if exc.report:
+                near_misses.append(NearMiss(where, exc.reason))
+                explained_eyes |= {n for n in gv.neighbourhood(anchor, up=6, down=0) if gv.kind_of(n) == gv.EYE}
+            continue
+        rewrites.append(rewrite(gm, region))
+        alive = set(gm.graph.nodes)
+        log.debug("dora_fx: rewrote %s", rewrites[-1])
+    for eye in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.EYE and n not in explained_eyes]:
+        if any(gv.kind_of(u) == gv.LINEAR for u in gv.real_users(eye)):
+            near_misses.append(
+                NearMiss(
+                    f"{module_path(eye)} ({eye.name})",
+                    "eye() feeds a LoRA linear but no matched DoRA norm (a graph break between them?)",
+                )
+            )
+    return rewrites, near_misses
