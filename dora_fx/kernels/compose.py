@@ -1,0 +1,349 @@
+"""Triton kernels for the fused DoRA composition and its backward (DESIGN.md §4).
+
+Notation: ``g = m / norm`` per feature (column), ``s`` the LoRA scaling, ``base`` the base-layer
+output without bias (``result - bias`` when PEFT reuses the base layer's output), ``d = dL/dout``.
+
+- ``_compose_kernel``: ``out = result + (g - 1)·base + g·s·lora``, one read of every input, one
+  write, float32 math and one rounding.
+- ``_compose_backward_kernel``: one pass over ``d`` writes ``grad_main`` and ``grad_lora`` and, per
+  block of rows, the column sums ``Σ_rows d·(base + s·lora)`` into a float32 ``[row_blocks, N]``
+  buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics).
+
+Inputs are ``[..., N]``; leading dimensions are flattened into rows addressed with int64 offsets
+through a row stride, so row-strided views need no copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dora_fx.kernels import reference
+
+log = logging.getLogger(__name__)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _column_factors(m_ptr, norm_ptr, cols, mask_n):
+    """``g = m / norm`` and ``g - 1 = (m - norm) / norm`` (no cancellation when ``m ≈ norm``)."""
+    m = tl.load(m_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
+    n = tl.load(norm_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
+    return m / n, (m - n) / n
+
+
+@triton.jit
+def _compose_kernel(
+    result_ptr,
+    base_ptr,
+    bias_ptr,
+    lora_ptr,
+    m_ptr,
+    norm_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    scaling,
+    stride_result,
+    stride_base,
+    stride_lora,
+    stride_out,
+    HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``out = result + (g - 1)·base + (g·s)·lora`` on a ``[BLOCK_T, BLOCK_N]`` tile, in float32.
+
+    ``base`` is read from ``base_ptr`` when ``HAS_BASE``, else it is ``result - bias`` (``result``
+    without a bias). The value is rounded once, to ``out``'s dtype, on the store.
+    """
+    pid = tl.program_id(0)
+    num_col_blocks = tl.cdiv(n_cols, BLOCK_N)
+    pid_t = pid // num_col_blocks
+    pid_n = pid % num_col_blocks
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask_n = cols < n_cols
+    mask = (rows < n_rows)[:, None] & mask_n[None, :]
+
+    g, g_minus_1 = _column_factors(m_ptr, norm_ptr, cols, mask_n)
+    res = tl.load(result_ptr + rows[:, None] * stride_result + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif HAS_BIAS:
+        base = res - tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    else:
+        base = res
+    out = res + g_minus_1[None, :] * base + (g * scaling)[None, :] * lora
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _compose_backward_kernel(
+    grad_ptr,
+    result_ptr,
+    base_ptr,
+    bias_ptr,
+    lora_ptr,
+    m_ptr,
+    norm_ptr,
+    grad_main_ptr,
+    grad_lora_ptr,
+    partial_ptr,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    scaling,
+    stride_grad,
+    stride_result,
+    stride_base,
+    stride_lora,
+    stride_grad_main,
+    stride_grad_lora,
+    stride_partial,
+    HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Gradients of ``out = result + (g - 1)·base + g·s·lora`` for a ``rows_per_program × BLOCK_N`` strip.
+
+    - ``grad_main = g·d`` when ``result`` stands in for the base (``HAS_BASE`` false), else ``(g - 1)·d``;
+    - ``grad_lora = (g·s)·d``;
+    - ``P[pid_t, j] = Σ_{rows of the strip} d·(base + s·lora)``, with ``base = result - bias``
+      (or ``result``) when ``HAS_BASE`` is false; ``grad_magnitude = Σ_t P[t] / norm`` afterwards.
+    """
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < n_cols
+    g, g_minus_1 = _column_factors(m_ptr, norm_ptr, cols, mask_n)
+    if HAS_BASE:
+        main_factor = g_minus_1
+    else:
+        main_factor = g
+    lora_factor = g * scaling
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    row_start = pid_t * rows_per_program
+    for t in range(row_start, tl.minimum(row_start + rows_per_program, n_rows), BLOCK_T):
+        rows = (t + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & mask_n[None, :]
+        d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BASE:
+            base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
+        else:
+            base = tl.load(result_ptr + rows[:, None] * stride_result + cols[None, :], mask=mask, other=0.0)
+        base = base.to(tl.float32)
+        if HAS_BIAS:
+            base = base - bias[None, :]
+        tl.store(grad_main_ptr + rows[:, None] * stride_grad_main + cols[None, :], main_factor[None, :] * d, mask=mask)
+        tl.store(grad_lora_ptr + rows[:, None] * stride_grad_lora + cols[None, :], lora_factor[None, :] * d, mask=mask)
+        acc += tl.where(mask, d * (base + scaling * lora), 0.0)
+    tl.store(partial_ptr + pid_t * stride_partial + cols, tl.sum(acc, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _column_sum_kernel(partial_ptr, norm_ptr, out_ptr, n_parts, n_cols, stride_partial, BLOCK_N: tl.constexpr):
+    """``out[j] = (Σ_t P[t, j]) / norm[j]`` in float32, rounded once to ``out``'s dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, n_parts):
+        total += tl.load(partial_ptr + t * stride_partial + cols, mask=mask, other=0.0)
+    n = tl.load(norm_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+    tl.store(out_ptr + cols, total / n, mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeConfig:
+    """Tile of the compose kernels: ``block_t`` rows × ``block_n`` features, ``num_warps`` warps."""
+
+    block_t: int
+    block_n: int
+    num_warps: int
+    programs_per_sm: int = 4  # backward: row strips are sized so that about this many programs run per SM
+
+
+def compose_config(n_rows: int, n_cols: int, device: torch.device) -> ComposeConfig:
+    """About 4096 elements per tile on the GPU (16-byte vectors along the features); bigger tiles
+    and fewer programs under the interpreter, whose cost is per program and per operation."""
+    if device.type != "cuda":
+        block_n = min(128, triton.next_power_of_2(max(n_cols, 1)))
+        return ComposeConfig(min(64, triton.next_power_of_2(max(n_rows, 1))), block_n, 4)
+    block_n = min(256, triton.next_power_of_2(max(n_cols, 1)))
+    return ComposeConfig(max(1, 4096 // block_n), block_n, 4)
+
+
+def _rows(x: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A ``[n_rows, n_cols]`` view of ``x`` with unit feature stride (a copy only when none exists)."""
+    x2 = x.reshape(n_rows, n_cols)
+    return x2 if x2.stride(1) == 1 or n_cols == 1 else x2.contiguous()
+
+
+def _output_like(like: torch.Tensor, dtype: torch.dtype, n_rows: int, n_cols: int):
+    """``torch.empty_like(like, dtype=dtype)`` (the fake op's layout) and a ``[rows, N]`` view to write.
+
+    When ``like`` is not contiguous the kernel writes a contiguous buffer that is copied over."""
+    out = torch.empty_like(like, dtype=dtype)
+    if out.is_contiguous():
+        return out, out.view(n_rows, n_cols)
+    return out, torch.empty((n_rows, n_cols), dtype=dtype, device=like.device)
+
+
+def _finish(out: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
+    if out2.data_ptr() != out.data_ptr() and out.numel():
+        out.copy_(out2.view(out.shape))
+    return out
+
+
+def _vector(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.contiguous()
+
+
+def _uses_float64(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def compose(
+    result: torch.Tensor,
+    base: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    *,
+    config: ComposeConfig | None = None,
+) -> torch.Tensor:
+    """``result + (g - 1)·base + g·s·lora`` (``base = result - bias`` when ``None``), as :func:`reference.compose`.
+
+    float64 inputs go to the reference math.
+    """
+    if _uses_float64(result, base, bias, lora, magnitude, norm):
+        return reference.compose(result, base, bias, lora, magnitude, norm, scaling)
+    n_cols = result.shape[-1]
+    n_rows = result.numel() // n_cols if n_cols else 0
+    out, out2 = _output_like(result, reference.compose_dtype(result, base, lora, magnitude), n_rows, n_cols)
+    if out.numel() == 0:
+        return out
+    cfg = config or compose_config(n_rows, n_cols, result.device)
+    result2 = _rows(result, n_rows, n_cols)
+    lora2 = _rows(lora, n_rows, n_cols)
+    base2 = None if base is None else _rows(base, n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, cfg.block_t) * triton.cdiv(n_cols, cfg.block_n),)
+    _compose_kernel[grid](
+        result2,
+        base2,
+        _vector(bias),
+        lora2,
+        _vector(magnitude),
+        _vector(norm),
+        out2,
+        n_rows,
+        n_cols,
+        float(scaling),
+        result2.stride(0),
+        0 if base2 is None else base2.stride(0),
+        lora2.stride(0),
+        out2.stride(0),
+        HAS_BASE=base is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_T=cfg.block_t,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+    )
+    return _finish(out, out2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def compose_backward(
+    grad_out: torch.Tensor,
+    result: torch.Tensor,
+    base: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    *,
+    config: ComposeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_main, grad_lora, grad_magnitude)`` as :func:`reference.compose_backward`, in one pass over ``grad_out``.
+
+    ``result`` is read only when ``base`` is ``None`` (it then stands in for the base); float64
+    inputs go to the reference math.
+    """
+    if _uses_float64(grad_out, result, base, bias, lora, magnitude, norm):
+        return reference.compose_backward(grad_out, result, base, bias, lora, magnitude, norm, scaling)
+    n_cols = grad_out.shape[-1]
+    n_rows = grad_out.numel() // n_cols if n_cols else 0
+    main_dtype = (result if base is None else base).dtype
+    grad_main, grad_main2 = _output_like(grad_out, main_dtype, n_rows, n_cols)
+    grad_lora, grad_lora2 = _output_like(grad_out, lora.dtype, n_rows, n_cols)
+    if n_rows == 0 or n_cols == 0:
+        return grad_main, grad_lora, torch.zeros_like(magnitude)
+    device = grad_out.device
+    cfg = config or compose_config(n_rows, n_cols, device)
+    col_blocks = triton.cdiv(n_cols, cfg.block_n)
+    row_tiles = triton.cdiv(n_rows, cfg.block_t)
+    strips = max(1, min(row_tiles, triton.cdiv(cfg.programs_per_sm * _num_sms(device), col_blocks)))
+    rows_per_program = triton.cdiv(row_tiles, strips) * cfg.block_t
+    strips = triton.cdiv(n_rows, rows_per_program)
+    partial = torch.empty((strips, n_cols), dtype=torch.float32, device=device)
+
+    grad2 = _rows(grad_out, n_rows, n_cols)
+    lora2 = _rows(lora, n_rows, n_cols)
+    main_in = _rows(result if base is None else base, n_rows, n_cols)
+    _compose_backward_kernel[(col_blocks, strips)](
+        grad2,
+        main_in,
+        main_in,
+        _vector(bias),
+        lora2,
+        _vector(magnitude),
+        _vector(norm),
+        grad_main2,
+        grad_lora2,
+        partial,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        float(scaling),
+        grad2.stride(0),
+        main_in.stride(0),
+        main_in.stride(0),
+        lora2.stride(0),
+        grad_main2.stride(0),
+        grad_lora2.stride(0),
+        partial.stride(0),
+        HAS_BASE=base is not None,
+        HAS_BIAS=base is None and bias is not None,
+        BLOCK_T=cfg.block_t,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+    )
+    grad_magnitude = torch.empty_like(magnitude)
+    block = min(1024, triton.next_power_of_2(n_cols))
+    _column_sum_kernel[(triton.cdiv(n_cols, block),)](
+        partial, _vector(norm), grad_magnitude, strips, n_cols, partial.stride(0), BLOCK_N=block, num_warps=4
+    )
+    return _finish(grad_main, grad_main2), _finish(grad_lora, grad_lora2), grad_magnitude

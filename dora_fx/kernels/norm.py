@@ -1,0 +1,372 @@
+"""Triton kernels for the factored DoRA weight norm (DESIGN.md §3).
+
+``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, U_i> + s²<B_i, (B G)_i>`` with ``U = W Aᵀ [d_out, r]`` and
+``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed.
+
+Launch plan (``weight_norm``):
+
+1. ``_gram_kernel``: ``G = A Aᵀ`` in float32, split over ``d_in`` into partial sums that
+   ``torch.sum`` finishes (``r × r`` is tiny; only the upper triangle of tiles is computed).
+2. ``_norm_partial_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows and ``BLOCK_N``
+   columns of ``U``: its K loop accumulates ``U`` with ``tl.dot`` (fp32 accumulation) and, for a
+   round-robin share of the K steps, the row sums of ``W²`` from the same tile, so that the column
+   programs of one row block split that work evenly and ``W`` is read from HBM once. Its epilogue
+   adds ``<B_i, 2s·U_i + s²·(B G)_i>`` over its columns and writes one partial squared norm per row.
+3. ``_norm_finalize_kernel``: sums the partials of each row, clamps at zero, takes the square root
+   (skipped when a single column block already finished the job).
+
+Transient memory: the partial Gram sums, ``G`` and the ``[cdiv(r, BLOCK_N), d_out]`` partial norms,
+all float32 and bounded by ``2·d_out·r·4`` bytes whenever ``r ≤ d_out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dora_fx.kernels import reference
+
+log = logging.getLogger(__name__)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``UPCAST`` runs the product on float32 operands with ``tf32x3`` (about fp32 accuracy); it is used
+    for float32 or mixed-dtype inputs, and for bf16 under the Triton interpreter, whose ``tl.dot``
+    multiplies the raw bf16 bit patterns as integers (bf16 products are exact in fp32, so the
+    upcast changes nothing but the accumulation order).
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gram_kernel(
+    a_ptr,
+    partial_ptr,
+    r,
+    d_in,
+    k_per_split,
+    stride_ar,
+    stride_ak,
+    stride_ps,
+    stride_pi,
+    stride_pj,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Partial Gram matrix ``P[s, i, j] = Σ_{k ∈ split s} A[i, k]·A[j, k]`` in float32.
+
+    Grid ``(cdiv(r, BLOCK_G), cdiv(r, BLOCK_G), splits)``; tiles below the diagonal exit at once and
+    the diagonal-or-above tile also writes its transpose (``G`` is symmetric).
+    """
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if pid_i > pid_j:
+        return
+    offs_i = pid_i * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_j = pid_j * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_i = offs_i < r
+    mask_j = offs_j < r
+    k_start = pid_s * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, d_in)
+    ai_ptrs = a_ptr + offs_i[:, None] * stride_ar + (k_start + offs_k)[None, :] * stride_ak  # [G, K]
+    aj_ptrs = a_ptr + offs_j[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak  # [K, G]
+    acc = tl.zeros((BLOCK_G, BLOCK_G), dtype=tl.float32)
+    for k in range(k_start, k_stop, BLOCK_K):
+        k_left = k_stop - k
+        ai = tl.load(ai_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        aj = tl.load(aj_ptrs, mask=mask_j[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        acc = _mma(ai, aj, acc, UPCAST)
+        ai_ptrs += BLOCK_K * stride_ak
+        aj_ptrs += BLOCK_K * stride_ak
+    base = partial_ptr + pid_s * stride_ps
+    mask = mask_i[:, None] & mask_j[None, :]
+    tl.store(base + offs_i[:, None] * stride_pi + offs_j[None, :] * stride_pj, acc, mask=mask)
+    if pid_i != pid_j:
+        tl.store(base + offs_j[None, :] * stride_pi + offs_i[:, None] * stride_pj, acc, mask=mask)
+
+
+@triton.jit
+def _norm_partial_kernel(
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    partial_ptr,
+    d_out,
+    d_in,
+    r,
+    scaling,
+    stride_wm,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bm,
+    stride_br,
+    stride_gi,
+    stride_gj,
+    stride_pn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_G_BF16: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    """Partial squared row norms of ``W + s·B·A`` for rows ``M`` and LoRA columns ``N`` of a tile.
+
+    With ``U = W Aᵀ`` accumulated over the whole of ``d_in`` (``W`` read in its stored layout
+    through ``stride_wm``/``stride_wk``), the program writes, for each row ``i`` of its block,
+
+        P[n, i] = Σ_{k ∈ K_n} W[i, k]²  +  Σ_{j ∈ N} B[i, j]·(2s·U[i, j] + s²·(B G)[i, j])
+
+    where ``K_n`` is every ``cdiv(r, BLOCK_N)``-th K step starting at the column block ``n``, so
+    that summing ``P`` over ``n`` gives ``||W_i + s(BA)_i||²``. ``(B G)[:, N]`` runs on tensor cores:
+    with ``SPLIT_G_BF16`` the fp32 ``G`` is split as ``G_hi + G_lo`` (both bf16) against the bf16
+    ``B``, which keeps about 16 bits of ``G``; otherwise an fp32 ``tf32x3`` product. ``FINAL`` (a
+    single column block) stores ``sqrt(max(P, 0))`` directly.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(r, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < d_out
+    mask_n = offs_n < r
+    rows = offs_m.to(tl.int64)
+
+    w_ptrs = w_ptr + rows[:, None] * stride_wm + offs_k[None, :] * stride_wk  # [M, K]
+    a_ptrs = a_ptr + offs_n[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [K, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for it in range(0, tl.cdiv(d_in, BLOCK_K)):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_m[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = d_in - it * BLOCK_K
+            w = tl.load(w_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        acc = _mma(w, a, acc, UPCAST)
+        if it % num_n == pid_n:
+            wf = w.to(tl.float32)
+            w_sq += tl.sum(wf * wf, axis=1)
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+
+    # Epilogue: (B G)[M, N] = Σ_j B[M, j] G[j, N], then <B[M, N], 2s·U + s²·BG> per row.
+    bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for j in range(0, r, BLOCK_R):
+        mask_r = (j + offs_r) < r
+        b = tl.load(
+            b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        g = tl.load(
+            g_ptr + (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if SPLIT_G_BF16:
+            g_hi = g.to(tl.bfloat16)
+            g_lo = (g - g_hi.to(tl.float32)).to(tl.bfloat16)
+            bg = _mma(b, g_hi, bg, UPCAST)
+            bg = _mma(b, g_lo, bg, UPCAST)
+        else:
+            bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
+    b_n = tl.load(
+        b_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_br,
+        mask=mask_m[:, None] & mask_n[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    squared = w_sq + tl.sum(b_n * ((2.0 * scaling) * acc + (scaling * scaling) * bg), axis=1)
+    if FINAL:
+        squared = tl.sqrt(tl.maximum(squared, 0.0))
+    tl.store(partial_ptr + pid_n * stride_pn + offs_m, squared, mask=mask_m)
+
+
+@triton.jit
+def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLOCK: tl.constexpr):
+    """``out[i] = sqrt(max(Σ_n P[n, i], 0))``: the clamp absorbs cancellation below zero."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < d_out
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for n in range(0, num_parts):
+        total += tl.load(partial_ptr + n * stride_pn + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, tl.sqrt(tl.maximum(total, 0.0)), mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+    """Tile shape and launch options of ``_norm_partial_kernel`` (``None``: the heuristic's pick)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    block_r: int | None = None
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def _pow2_at_least(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(max(n, 1)))
+
+
+def norm_config(d_out: int, d_in: int, r: int, device: torch.device) -> NormConfig:
+    """Heuristic tile shape: wide LoRA tiles for tensor-core work, enough programs to fill the chip."""
+    block_n = min(128, _pow2_at_least(r))
+    if device.type != "cuda":  # interpreter: few, small programs
+        return NormConfig(min(32, _pow2_at_least(d_out)), min(32, block_n), 32, 4, 1)
+    num_n = triton.cdiv(r, block_n)
+    n_sm = _num_sms(device)
+    block_m = 128
+    while block_m > 32 and triton.cdiv(d_out, block_m) * num_n < n_sm:
+        block_m //= 2
+    if block_n <= 32:  # little arithmetic per byte of W: long K tiles keep bytes in flight
+        return NormConfig(block_m, block_n, 128, 4, 4)
+    return NormConfig(block_m, block_n, 64, 8 if block_m * block_n >= 128 * 128 else 4, 3)
+
+
+def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
+    """Whether ``_mma`` must take float32 operands: mixed or float32 inputs, or bf16 when interpreting."""
+    native = a == b and a in (torch.float16, torch.bfloat16)
+    return not native or (interpreting and a == torch.bfloat16)
+
+
+def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool) -> torch.Tensor:
+    """``A Aᵀ`` in float32 via ``_gram_kernel`` (split over ``d_in`` to fill the chip)."""
+    r, d_in = lora_A.shape
+    block_g = 16 if r <= 16 else (32 if r <= 32 or interpreting else 64)
+    block_k = 32 if interpreting else 64
+    tiles = triton.cdiv(r, block_g)
+    upper_tiles = tiles * (tiles + 1) // 2
+    k_steps = triton.cdiv(d_in, block_k)
+    splits = max(1, min(triton.cdiv(2 * n_sm, upper_tiles), triton.cdiv(k_steps, 4), 64))
+    k_per_split = triton.cdiv(k_steps, splits) * block_k
+    splits = triton.cdiv(d_in, k_per_split)
+    partial = torch.empty((splits, r, r), dtype=torch.float32, device=lora_A.device)
+    _gram_kernel[(tiles, tiles, splits)](
+        lora_A,
+        partial,
+        r,
+        d_in,
+        k_per_split,
+        lora_A.stride(0),
+        lora_A.stride(1),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        BLOCK_G=block_g,
+        BLOCK_K=block_k,
+        UPCAST=upcast,
+        num_warps=4,
+        num_stages=1 if interpreting else 3,
+    )
+    return partial[0] if splits == 1 else partial.sum(dim=0)
+
+
+def weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+    *,
+    config: NormConfig | None = None,
+) -> torch.Tensor:
+    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`.
+
+    ``weight`` is read in its stored layout (``[d_in, d_out]`` when ``fan_in_fan_out``). float64
+    inputs, and degenerate shapes (``r == 0`` or ``d_in == 0``), go to the reference math.
+    """
+    if reference.norm_dtype(weight, lora_A, lora_B) != torch.float32:
+        return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    d_in, d_out = weight.shape if fan_in_fan_out else weight.shape[::-1]
+    r = lora_A.shape[0]
+    if r == 0 or d_in == 0 or d_out == 0:
+        return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    device = weight.device
+    interpreting = _interpreting()
+    cfg = config or norm_config(d_out, d_in, r, device)
+    block_r = cfg.block_r or min(64, _pow2_at_least(r))
+    stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
+
+    upcast = _needs_upcast(weight.dtype, lora_A.dtype, interpreting)
+    gram = _gram(lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), _num_sms(device), interpreting)
+    split_g = lora_B.dtype == torch.bfloat16
+
+    num_n = triton.cdiv(r, cfg.block_n)
+    out = torch.empty((d_out,), dtype=torch.float32, device=device)
+    partial = out.view(1, d_out) if num_n == 1 else torch.empty((num_n, d_out), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(d_out, cfg.block_m) * num_n,)
+    log.debug("weight_norm d_out=%d d_in=%d r=%d config=%s grid=%s", d_out, d_in, r, cfg, grid)
+    _norm_partial_kernel[grid](
+        weight,
+        lora_A,
+        lora_B,
+        gram,
+        partial,
+        d_out,
+        d_in,
+        r,
+        float(scaling),
+        stride_wm,
+        stride_wk,
+        lora_A.stride(0),
+        lora_A.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        gram.stride(0),
+        gram.stride(1),
+        partial.stride(0),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_R=block_r,
+        EVEN_K=d_in % cfg.block_k == 0,
+        UPCAST=upcast or (split_g and interpreting),
+        SPLIT_G_BF16=split_g,
+        FINAL=num_n == 1,
+        num_warps=cfg.num_warps,
+        num_stages=1 if interpreting else cfg.num_stages,
+    )
+    if num_n > 1:
+        block = 1024 if not interpreting else _pow2_at_least(d_out)
+        _norm_finalize_kernel[(triton.cdiv(d_out, block),)](
+            partial, out, d_out, num_n, partial.stride(0), BLOCK=block, num_warps=4
+        )
+    return out
