@@ -1,11 +1,19 @@
 """Keep Dynamo from breaking the graph inside PEFT's DoRA layers, without patching PEFT.
 
-PEFT's ``dequantize_module_weight`` asks ``type(module.weight).__module__.startswith("torchao.")``,
+Two PEFT helpers stop Dynamo; each gets a traceable stand-in through
+``torch._dynamo.substitute_in_graph``, which changes what Dynamo traces, never what PEFT runs eagerly.
+
+``dequantize_module_weight`` asks ``type(module.weight).__module__.startswith("torchao.")``,
 which Dynamo (torch 2.13) cannot trace: it breaks the graph in every DoRA layer, and the dense
 ``B·A`` product lands in a graph of its own, out of the rewrite's reach. We register a traceable
 stand-in with ``torch._dynamo.substitute_in_graph``: for a plain ``nn.Parameter`` weight it returns
 the weight, exactly what PEFT returns; every other case (HQQ, torchao, bitsandbytes, FSDP shards)
 runs PEFT's own function eagerly, as before.
+
+``transpose(weight, fan_in_fan_out)`` wraps ``weight.T`` of a Parameter in a new ``nn.Parameter``,
+a constructor Dynamo refuses (every GPT-2 ``Conv1D`` DoRA layer). The new Parameter is a fresh leaf:
+the same values, and no gradient reaches the original weight through it. The stand-in returns
+``weight.T.detach()``, which has both properties.
 """
 
 from __future__ import annotations
@@ -37,5 +45,15 @@ def install() -> bool:
                 return weight
         return eager(module)
 
-    log.debug("dora_fx: registered a traceable stand-in for peft's dequantize_module_weight")
+    from peft.utils import other
+
+    @torch._dynamo.substitute_in_graph(other.transpose)
+    def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        if not fan_in_fan_out:
+            return weight
+        if isinstance(weight, nn.Parameter):
+            return weight.T.detach()
+        return weight.T
+
+    log.debug("dora_fx: registered traceable stand-ins for peft's dequantize_module_weight and transpose")
     return True
