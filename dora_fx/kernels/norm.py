@@ -7,16 +7,19 @@ Launch plan (``weight_norm``):
 
 1. ``_gram_kernel``: ``G = A Aᵀ`` in float32, split over ``d_in`` into partial sums that
    ``torch.sum`` finishes (``r × r`` is tiny; only the upper triangle of tiles is computed).
-2. ``_norm_partial_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows and ``BLOCK_N``
-   columns of ``U``: its K loop accumulates ``U`` with ``tl.dot`` (fp32 accumulation) and, for a
-   round-robin share of the K steps, the row sums of ``W²`` from the same tile, so that the column
-   programs of one row block split that work evenly and ``W`` is read from HBM once. Its epilogue
-   adds ``<B_i, 2s·U_i + s²·(B G)_i>`` over its columns and writes one partial squared norm per row.
+2. ``_norm_partial_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows, ``BLOCK_N``
+   columns of ``U`` and a slice of ``d_in`` (split-K when ``d_out·r`` alone gives too few programs;
+   the cross term ``<B_i, U_i>`` is linear in ``U``, so slices add up). Its K loop accumulates ``U``
+   with ``tl.dot`` (fp32 accumulation) and, for a round-robin share of the K steps, the row sums of
+   ``W²`` from the same tile, so the column programs of one row block split that work evenly and
+   ``W`` is read from HBM once. Its epilogue adds ``<B_i, 2s·U_i + s²·(B G)_i>`` over its columns
+   (the ``B G`` term once, from the first slice) and writes one partial squared norm per row.
 3. ``_norm_finalize_kernel``: sums the partials of each row, clamps at zero, takes the square root
-   (skipped when a single column block already finished the job).
+   (skipped when a single program per row block already finished the job).
 
-Transient memory: the partial Gram sums, ``G`` and the ``[cdiv(r, BLOCK_N), d_out]`` partial norms,
-all float32 and bounded by ``2·d_out·r·4`` bytes whenever ``r ≤ d_out``.
+Transient memory: the partial Gram sums, ``G`` and the ``[partials, d_out]`` squared norms, all
+float32; ``U`` never leaves registers. The Gram split is capped so that the total stays under
+``2·d_out·r·4`` bytes whenever ``r`` is well below ``d_out``.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def _norm_partial_kernel(
     d_out,
     d_in,
     r,
+    k_per_split,
     scaling,
     stride_wm,
     stride_wk,
@@ -127,85 +131,96 @@ def _norm_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_G_BF16: tl.constexpr,
+    ROUND_ROBIN_SQUARES: tl.constexpr,
     FINAL: tl.constexpr,
 ):
-    """Partial squared row norms of ``W + s·B·A`` for rows ``M`` and LoRA columns ``N`` of a tile.
+    """Partial squared row norms of ``W + s·B·A`` for a tile of rows ``M``, LoRA columns ``N`` and
+    a slice ``K`` of ``d_in``.
 
-    With ``U = W Aᵀ`` accumulated over the whole of ``d_in`` (``W`` read in its stored layout
+    With ``U_K = W[:, K] A[:, K]ᵀ`` accumulated by ``tl.dot`` (``W`` read in its stored layout
     through ``stride_wm``/``stride_wk``), the program writes, for each row ``i`` of its block,
 
-        P[n, i] = Σ_{k ∈ K_n} W[i, k]²  +  Σ_{j ∈ N} B[i, j]·(2s·U[i, j] + s²·(B G)[i, j])
+        P[(k, n), i] = Σ_{K steps t of its share} W[i, t]²  +  Σ_{j ∈ N} B[i, j]·(2s·U_K[i, j] + [k = 0]·s²·(B G)[i, j])
 
-    where ``K_n`` is every ``cdiv(r, BLOCK_N)``-th K step starting at the column block ``n``, so
-    that summing ``P`` over ``n`` gives ``||W_i + s(BA)_i||²``. ``(B G)[:, N]`` runs on tensor cores:
-    with ``SPLIT_G_BF16`` the fp32 ``G`` is split as ``G_hi + G_lo`` (both bf16) against the bf16
-    ``B``, which keeps about 16 bits of ``G``; otherwise an fp32 ``tf32x3`` product. ``FINAL`` (a
-    single column block) stores ``sqrt(max(P, 0))`` directly.
+    Each of the ``cdiv(r, BLOCK_N)`` column programs of a ``(M, K)`` tile squares every
+    ``num_n``-th K step of ``W`` (``ROUND_ROBIN_SQUARES``; otherwise column block 0 squares all of
+    them), so the sum of ``P`` over ``(k, n)`` is ``||W_i + s(BA)_i||²``. ``(B G)[:, N]`` runs on
+    tensor cores: with ``SPLIT_G_BF16`` the fp32 ``G`` is split as ``G_hi + G_lo`` (both bf16)
+    against the bf16 ``B``, keeping about 16 bits of ``G``; otherwise an fp32 ``tf32x3`` product.
+    ``FINAL`` (a single partial per row) stores ``sqrt(max(P, 0))`` directly.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(r, BLOCK_N)
-    pid_m = pid // num_n
+    num_k = tl.cdiv(d_in, k_per_split)
     pid_n = pid % num_n
+    pid_k = (pid // num_n) % num_k
+    pid_m = pid // (num_n * num_k)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < d_out
     mask_n = offs_n < r
     rows = offs_m.to(tl.int64)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, d_in)
 
-    w_ptrs = w_ptr + rows[:, None] * stride_wm + offs_k[None, :] * stride_wk  # [M, K]
-    a_ptrs = a_ptr + offs_n[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [K, N]
+    w_ptrs = w_ptr + rows[:, None] * stride_wm + (k_start + offs_k)[None, :].to(tl.int64) * stride_wk  # [M, K]
+    a_ptrs = a_ptr + offs_n[None, :] * stride_ar + (k_start + offs_k)[:, None].to(tl.int64) * stride_ak  # [K, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for it in range(0, tl.cdiv(d_in, BLOCK_K)):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_m[:, None], other=0.0)
-            a = tl.load(a_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            k_left = d_in - it * BLOCK_K
-            w = tl.load(w_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+    for it in range(0, tl.cdiv(k_stop - k_start, BLOCK_K)):
+        k_left = k_stop - k_start - it * BLOCK_K
+        w = tl.load(w_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
         acc = _mma(w, a, acc, UPCAST)
-        if it % num_n == pid_n:
+        if ROUND_ROBIN_SQUARES:
+            if it % num_n == pid_n:
+                wf = w.to(tl.float32)
+                w_sq += tl.sum(wf * wf, axis=1)
+        else:
             wf = w.to(tl.float32)
             w_sq += tl.sum(wf * wf, axis=1)
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
+    if not ROUND_ROBIN_SQUARES:
+        w_sq = tl.where(pid_n == 0, w_sq, 0.0)
 
-    # Epilogue: (B G)[M, N] = Σ_j B[M, j] G[j, N], then <B[M, N], 2s·U + s²·BG> per row.
-    bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    for j in range(0, r, BLOCK_R):
-        mask_r = (j + offs_r) < r
-        b = tl.load(
-            b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        g = tl.load(
-            g_ptr + (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if SPLIT_G_BF16:
-            g_hi = g.to(tl.bfloat16)
-            g_lo = (g - g_hi.to(tl.float32)).to(tl.bfloat16)
-            bg = _mma(b, g_hi, bg, UPCAST)
-            bg = _mma(b, g_lo, bg, UPCAST)
-        else:
-            bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
+    # Epilogue: 2s·U_K, plus s²·(B G)[M, N] = s²·Σ_j B[M, j] G[j, N] once per (M, N) tile.
+    contrib = (2.0 * scaling) * acc
+    if pid_k == 0:
+        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_r = tl.arange(0, BLOCK_R)
+        for j in range(0, r, BLOCK_R):
+            mask_r = (j + offs_r) < r
+            b = tl.load(
+                b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            g = tl.load(
+                g_ptr + (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if SPLIT_G_BF16:
+                g_hi = g.to(tl.bfloat16)
+                g_lo = (g - g_hi.to(tl.float32)).to(tl.bfloat16)
+                bg = _mma(b, g_hi, bg, UPCAST)
+                bg = _mma(b, g_lo, bg, UPCAST)
+            else:
+                bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
+        contrib += (scaling * scaling) * bg
     b_n = tl.load(
         b_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_br,
         mask=mask_m[:, None] & mask_n[None, :],
         other=0.0,
     ).to(tl.float32)
-    squared = w_sq + tl.sum(b_n * ((2.0 * scaling) * acc + (scaling * scaling) * bg), axis=1)
+    squared = w_sq + tl.sum(b_n * contrib, axis=1)
     if FINAL:
         squared = tl.sqrt(tl.maximum(squared, 0.0))
-    tl.store(partial_ptr + pid_n * stride_pn + offs_m, squared, mask=mask_m)
+    tl.store(partial_ptr + (pid_k * num_n + pid_n) * stride_pn + offs_m, squared, mask=mask_m)
 
 
 @triton.jit
@@ -221,14 +236,20 @@ def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLO
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-    """Tile shape and launch options of ``_norm_partial_kernel`` (``None``: the heuristic's pick)."""
+    """Tile shape and launch options of ``_norm_partial_kernel``.
+
+    ``split_k`` cuts ``d_in`` into that many slices of whole ``block_k`` steps (more programs for
+    small ``d_out·r``); ``block_r`` is the inner tile of ``B G`` (``None``: up to 64).
+    """
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
     block_r: int | None = None
+    round_robin_squares: bool = True
 
 
 @functools.cache
@@ -247,18 +268,18 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
 
 
 def norm_config(d_out: int, d_in: int, r: int, device: torch.device) -> NormConfig:
-    """Heuristic tile shape: wide LoRA tiles for tensor-core work, enough programs to fill the chip."""
+    """Heuristic tile shape: 128-row tiles as wide as ``r`` (up to 128 columns), and ``d_in`` split
+    until there are two programs per SM (fewer waves left half-empty), keeping 8+ K steps each."""
     block_n = min(128, _pow2_at_least(r))
     if device.type != "cuda":  # interpreter: few, small programs
         return NormConfig(min(32, _pow2_at_least(d_out)), min(32, block_n), 32, 4, 1)
-    num_n = triton.cdiv(r, block_n)
-    n_sm = _num_sms(device)
-    block_m = 128
-    while block_m > 32 and triton.cdiv(d_out, block_m) * num_n < n_sm:
-        block_m //= 2
-    if block_n <= 32:  # little arithmetic per byte of W: long K tiles keep bytes in flight
-        return NormConfig(block_m, block_n, 128, 4, 4)
-    return NormConfig(block_m, block_n, 64, 8 if block_m * block_n >= 128 * 128 else 4, 3)
+    block_m, block_k = 128, 64
+    tiles = triton.cdiv(d_out, block_m) * triton.cdiv(r, block_n)
+    split = 1
+    while tiles * split < 2 * _num_sms(device) and triton.cdiv(d_in, block_k) >= 16 * split:
+        split *= 2
+    num_warps = 8 if block_n >= 128 else 4
+    return NormConfig(block_m, block_n, block_k, num_warps, 3 if block_n >= 128 else 4, split_k=split)
 
 
 def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
@@ -267,15 +288,16 @@ def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
     return not native or (interpreting and a == torch.bfloat16)
 
 
-def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool) -> torch.Tensor:
-    """``A Aᵀ`` in float32 via ``_gram_kernel`` (split over ``d_in`` to fill the chip)."""
+def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max_splits: int = 64) -> torch.Tensor:
+    """``A Aᵀ`` in float32 via ``_gram_kernel`` (split over ``d_in`` to fill the chip, into at most
+    ``max_splits`` partial sums)."""
     r, d_in = lora_A.shape
     block_g = 16 if r <= 16 else (32 if r <= 32 or interpreting else 64)
     block_k = 32 if interpreting else 64
     tiles = triton.cdiv(r, block_g)
     upper_tiles = tiles * (tiles + 1) // 2
     k_steps = triton.cdiv(d_in, block_k)
-    splits = max(1, min(triton.cdiv(2 * n_sm, upper_tiles), triton.cdiv(k_steps, 4), 64))
+    splits = max(1, min(triton.cdiv(2 * n_sm, upper_tiles), triton.cdiv(k_steps, 4), max_splits))
     k_per_split = triton.cdiv(k_steps, splits) * block_k
     splits = triton.cdiv(d_in, k_per_split)
     partial = torch.empty((splits, r, r), dtype=torch.float32, device=lora_A.device)
@@ -326,13 +348,18 @@ def weight_norm(
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
 
     upcast = _needs_upcast(weight.dtype, lora_A.dtype, interpreting)
-    gram = _gram(lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), _num_sms(device), interpreting)
+    gram_upcast = _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting)
+    # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
+    gram = _gram(lora_A, gram_upcast, _num_sms(device), interpreting, max_splits=min(64, d_out // r - 1))
     split_g = lora_B.dtype == torch.bfloat16
 
     num_n = triton.cdiv(r, cfg.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.block_k), cfg.split_k) * cfg.block_k
+    num_k = triton.cdiv(d_in, k_per_split)
     out = torch.empty((d_out,), dtype=torch.float32, device=device)
-    partial = out.view(1, d_out) if num_n == 1 else torch.empty((num_n, d_out), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(d_out, cfg.block_m) * num_n,)
+    num_parts = num_n * num_k
+    partial = out.view(1, d_out) if num_parts == 1 else torch.empty((num_parts, d_out), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(d_out, cfg.block_m) * num_parts,)
     log.debug("weight_norm d_out=%d d_in=%d r=%d config=%s grid=%s", d_out, d_in, r, cfg, grid)
     _norm_partial_kernel[grid](
         weight,
@@ -343,6 +370,7 @@ def weight_norm(
         d_out,
         d_in,
         r,
+        k_per_split,
         float(scaling),
         stride_wm,
         stride_wk,
@@ -357,16 +385,16 @@ def weight_norm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
-        EVEN_K=d_in % cfg.block_k == 0,
         UPCAST=upcast or (split_g and interpreting),
         SPLIT_G_BF16=split_g,
-        FINAL=num_n == 1,
+        ROUND_ROBIN_SQUARES=cfg.round_robin_squares,
+        FINAL=num_parts == 1,
         num_warps=cfg.num_warps,
         num_stages=1 if interpreting else cfg.num_stages,
     )
-    if num_n > 1:
+    if num_parts > 1:
         block = 1024 if not interpreting else _pow2_at_least(d_out)
         _norm_finalize_kernel[(triton.cdiv(d_out, block),)](
-            partial, out, d_out, num_n, partial.stride(0), BLOCK=block, num_warps=4
+            partial, out, d_out, num_parts, partial.stride(0), BLOCK=block, num_warps=4
         )
     return out

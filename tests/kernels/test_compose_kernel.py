@@ -1,0 +1,192 @@
+"""``dora_fx.kernels.compose`` (forward and backward) against the reference math.
+
+Each output is checked twice: against a float64 evaluation (error within the output dtype's
+rounding), and against the reference run on the same inputs (float32 math, one rounding: equal up
+to one unit in the last place). CPU: Triton's interpreter at small, odd shapes; CUDA: full sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dora_fx.kernels import compose, reference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+_REL_TO_FLOAT64 = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _make(shape, dtype, has_base, has_bias, device="cpu", seed=0, magnitude_dtype=None):
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, dt=dtype):
+        return torch.randn(size, generator=gen, device=device).to(dt)
+
+    n = shape[-1]
+    magnitude = (torch.rand(n, generator=gen, device=device) + 0.5).to(magnitude_dtype or dtype)
+    # Trained magnitudes sit near the norm: g - 1 is small, where cancellation would show.
+    norm = magnitude.float() * (1 + 0.05 * torch.randn(n, generator=gen, device=device))
+    return dict(
+        result=randn(*shape),
+        base=randn(*shape) if has_base else None,
+        bias=randn(n) if has_bias else None,
+        lora=randn(*shape),
+        magnitude=magnitude,
+        norm=norm,
+        scaling=1.7,
+    )
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _poison(device, nbytes):
+    junk = [torch.full((nbytes // 4 + 1,), float("nan"), device=device) for _ in range(4)]
+    del junk
+
+
+def _assert_matches(got, same_inputs, float64, dtype):
+    assert got.dtype == same_inputs.dtype and got.shape == same_inputs.shape
+    assert torch.isfinite(got).all(), "unwritten or non-finite output"
+    rel = ((got.double() - float64).norm() / float64.norm()).item()
+    assert rel < _REL_TO_FLOAT64[dtype], f"relative error to float64 {rel:.2e}"
+    eps = torch.finfo(got.dtype).eps
+    torch.testing.assert_close(got, same_inputs, rtol=eps, atol=eps * float64.abs().max().item() * 1e-2)
+
+
+def _check_forward(t, **kwargs):
+    args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
+    _poison(t["result"].device, t["result"].numel() * 4)
+    got = compose.compose(*args, **kwargs)
+    same = reference.compose(*args)
+    exact = reference.compose(*map(_f64, args[:-1]), args[-1])
+    _assert_matches(got, same, exact, same.dtype)
+    assert got.stride() == torch.empty_like(t["result"], dtype=got.dtype).stride()
+
+
+def _check_backward(t, grad_out, **kwargs):
+    args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
+    _poison(grad_out.device, grad_out.numel() * 8)
+    got = compose.compose_backward(grad_out, *args, **kwargs)
+    same = reference.compose_backward(grad_out, *args)
+    exact = reference.compose_backward(grad_out.double(), *map(_f64, args[:-1]), args[-1])
+    for name, g, s, e in zip(("grad_main", "grad_lora", "grad_magnitude"), got, same, exact):
+        try:
+            if name == "grad_magnitude":  # a sum over tokens: summation order differs, compare in float64
+                assert g.dtype == s.dtype and g.shape == s.shape
+                rel = ((g.double() - e).norm() / e.norm()).item()
+                assert rel < max(_REL_TO_FLOAT64[g.dtype], 1e-5), f"relative error to float64 {rel:.2e}"
+            else:
+                _assert_matches(g, s, e, s.dtype)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+
+
+_CASES = [
+    # shape, base given, bias
+    ((7, 33), False, True),
+    ((2, 25, 5), True, False),
+    ((1, 130), False, False),
+    ((50, 33), False, True),
+    ((3, 1, 17), True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, has_base, has_bias", _CASES)
+def test_forward_and_backward_match_reference(shape, has_base, has_bias, dtype):
+    t = _make(shape, dtype, has_base, has_bias)
+    _check_forward(t)
+    _check_backward(t, torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype))
+
+
+def test_many_row_strips_in_backward():
+    # Small tiles force several row strips, so grad_magnitude goes through the partial-sum buffer.
+    t = _make((50, 37), torch.float32, False, True, seed=1)
+    cfg = compose.ComposeConfig(block_t=4, block_n=16, num_warps=4, programs_per_sm=8)
+    grad = torch.randn(50, 37)
+    _check_forward(t, config=cfg)
+    _check_backward(t, grad, config=cfg)
+
+
+def test_mixed_dtypes_promote_like_peft():
+    # bf16 activations with a float32 magnitude: out and grad_magnitude follow PyTorch's promotion.
+    t = _make((7, 33), torch.bfloat16, False, True, seed=2, magnitude_dtype=torch.float32)
+    _check_forward(t)
+    _check_backward(t, torch.randn(7, 33).to(torch.bfloat16))
+
+
+def test_strided_inputs():
+    wide = torch.randn(3, 9, 40)
+    t = _make((3, 9, 33), torch.float32, True, False, seed=3)
+    t["result"] = wide[..., :33]  # row stride 40: read in place
+    t["lora"] = torch.randn(3, 33, 9).transpose(1, 2)  # feature stride != 1: copied
+    _check_forward(t)
+    _check_backward(t, torch.randn(9, 3, 33).transpose(0, 1))  # non-contiguous grad_out
+
+
+def test_float64_follows_reference():
+    t = _make((4, 6), torch.float64, False, True, seed=4)
+    args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
+    torch.testing.assert_close(compose.compose(*args), reference.compose(*args))
+    grad = torch.randn(4, 6, dtype=torch.float64)
+    for g, r in zip(compose.compose_backward(grad, *args), reference.compose_backward(grad, *args)):
+        torch.testing.assert_close(g, r)
+
+
+# --------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize(
+    "shape, has_base, has_bias, dtype",
+    [
+        ((4096, 4096), False, True, torch.bfloat16),
+        ((2, 2048, 8192), True, False, torch.bfloat16),
+        ((4096, 14336), False, False, torch.bfloat16),
+        ((1, 512, 8192), False, True, torch.float16),
+        ((4096, 4096), True, False, torch.float32),
+        ((77, 1000), False, True, torch.bfloat16),
+    ],
+)
+def test_cuda_full_sizes(shape, has_base, has_bias, dtype):
+    t = _make(shape, dtype, has_base, has_bias, device="cuda")
+    _check_forward(t)
+    _check_backward(t, torch.randn(shape, device="cuda").to(dtype))
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_op_in_torch_compile_launches_the_kernels():
+    import dora_fx.ops  # noqa: F401  registers torch.ops.dora_fx
+
+    t = _make((256, 1024), torch.bfloat16, False, True, device="cuda")
+    result = t["result"].requires_grad_()
+    lora = t["lora"].requires_grad_()
+    magnitude = t["magnitude"].requires_grad_()
+
+    def fn(result, lora, magnitude):
+        out = torch.ops.dora_fx.compose(result, None, t["bias"], lora, magnitude, t["norm"], t["scaling"])
+        return (out.float() * 2).sum()
+
+    compiled = torch.compile(fn, backend="inductor")
+    compiled(result, lora, magnitude).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        loss = compiled(result, lora, magnitude)
+        grads = torch.autograd.grad(loss, (result, lora, magnitude))
+        torch.cuda.synchronize()
+    names = {event.name for event in prof.events()}
+    assert any("_compose_kernel" in name for name in names), sorted(names)
+    assert any("_compose_backward_kernel" in name for name in names), sorted(names)
+
+    def peft(result, lora, magnitude):  # PEFT's eager ops, in float32
+        g = (magnitude.float() / t["norm"]).view(1, -1)
+        base = result.float() - t["bias"].float()
+        return ((result.float() + (g - 1) * base + g * lora.float() * t["scaling"]) * 2).sum()
+
+    expected = torch.autograd.grad(peft(result, lora, magnitude), (result, lora, magnitude))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-2)
