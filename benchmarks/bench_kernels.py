@@ -300,10 +300,15 @@ def main(argv=None):
     if args.variants:
         NC = norm_k.NormConfig
         rows += norm_variants(8192, 384, [
-            NC(128, 128, 64, 8, 3), NC(128, 128, 64, 8, 4), NC(64, 128, 64, 4, 4), NC(128, 64, 64, 4, 4),
-            NC(128, 256, 64, 8, 3), NC(64, 128, 64, 8, 3), NC(128, 128, 32, 4, 5),
+            NC(128, 128, 64, 8, 3, split_k=2), NC(128, 128, 64, 8, 3, split_k=1), NC(128, 128, 64, 8, 4, split_k=2),
+            NC(128, 256, 64, 8, 3, split_k=2), NC(64, 128, 64, 4, 4, split_k=1), NC(128, 64, 64, 4, 4, split_k=1),
+            NC(128, 128, 64, 8, 3, split_k=2, round_robin_squares=False), NC(128, 128, 64, 8, 3, split_k=4),
+            NC(128, 128, 32, 8, 5, split_k=2),
         ])
-        rows += norm_variants(8192, 16, [NC(32, 16, 128, 4, 4), NC(64, 16, 128, 4, 4), NC(16, 16, 256, 4, 4), NC(32, 16, 256, 4, 3)])
+        rows += norm_variants(8192, 16, [
+            NC(128, 16, 64, 4, 4, split_k=8), NC(128, 16, 128, 4, 4, split_k=8), NC(64, 16, 128, 4, 4, split_k=4),
+            NC(128, 16, 64, 4, 4, split_k=4), NC(256, 16, 64, 8, 4, split_k=8),
+        ])
         CC = compose_k.ComposeConfig
         rows += compose_variants(4096, 8192, [CC(16, 256, 4), CC(8, 512, 4), CC(32, 256, 8), CC(4, 1024, 4), CC(16, 256, 4, 8), CC(16, 256, 4, 2)])
 
