@@ -122,4 +122,4 @@ def _low_precision_errors(name: str, dtype: torch.dtype, train: bool):
 )
 def test_low_precision_error_within_twice_eager_peft(name, dtype, train):
     for key, (ours, eager) in _low_precision_errors(name, dtype, train).items():
-        assert ours <= 2 * eager + 1e-3, f"{key}: dora_fx {ours:.2e} vs eager PEFT {eager:.2e}"
+        assert ours <= 2 * eager, f"{key}: dora_fx {ours:.2e} vs eager PEFT {eager:.2e}"

@@ -1,0 +1,105 @@
+"""The dora_fx custom ops: registration, fake implementations, autograd and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_fx.ops  # noqa: F401
+from dora_fx.kernels import reference
+
+
+def _norm_inputs(d_out=7, d_in=5, r=3, fan_in_fan_out=False, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(d_out, d_in, generator=gen, dtype=dtype)
+    lora_A = torch.randn(r, d_in, generator=gen, dtype=dtype)
+    lora_B = torch.randn(d_out, r, generator=gen, dtype=dtype)
+    stored = weight.T.contiguous() if fan_in_fan_out else weight
+    return weight, (stored, lora_A, lora_B, 1.5, fan_in_fan_out)
+
+
+def _compose_inputs(form: str, shape=(2, 3, 6), dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen, dtype=dtype, requires_grad=True)
+
+    n = shape[-1]
+    result, lora = rand(*shape), rand(*shape)
+    base = rand(*shape) if form == "base" else None
+    bias = rand(n) if form == "bias" else None
+    magnitude = rand(n)
+    norm = (torch.rand(n, generator=gen, dtype=dtype) + 0.5)
+    return result, base, bias, lora, magnitude, norm, 0.75
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_weight_norm_equals_dense_norm(fan_in_fan_out):
+    weight, args = _norm_inputs(fan_in_fan_out=fan_in_fan_out)
+    _, lora_A, lora_B, scaling, _ = args
+    expected = torch.linalg.norm(weight + scaling * lora_B @ lora_A, dim=1)
+    torch.testing.assert_close(torch.ops.dora_fx.weight_norm(*args), expected)
+
+
+def test_weight_norm_clamps_cancellation_to_zero():
+    """W = -s·B·A: the exact norm is 0; rounding must not turn it into NaN."""
+    gen = torch.Generator().manual_seed(2)
+    lora_A, lora_B = torch.randn(2, 64, generator=gen), torch.randn(8, 2, generator=gen)
+    weight = -(lora_B @ lora_A)
+    norm = torch.ops.dora_fx.weight_norm(weight, lora_A, lora_B, 1.0, False)
+    assert torch.isfinite(norm).all() and norm.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_weight_norm_opcheck(fan_in_fan_out):
+    _, args = _norm_inputs(fan_in_fan_out=fan_in_fan_out, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.dora_fx.weight_norm.default, args)
+
+
+@pytest.mark.parametrize("form", ["plain", "bias", "base"])
+def test_compose_matches_peft_formula_and_gradcheck(form):
+    result, base, bias, lora, magnitude, norm, s = _compose_inputs(form)
+    g = (magnitude / norm).view(1, -1)
+    base_eff = base if base is not None else (result - bias if bias is not None else result)
+    expected = result + (g - 1) * base_eff + g * lora * s
+    torch.testing.assert_close(torch.ops.dora_fx.compose(result, base, bias, lora, magnitude, norm, s), expected)
+    inputs = (result, base, bias, lora, magnitude, norm, s)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.dora_fx.compose(*t), inputs)
+
+
+@pytest.mark.parametrize("form", ["plain", "bias", "base"])
+def test_compose_opcheck(form):
+    args = tuple(a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in _compose_inputs(form))
+    torch.library.opcheck(torch.ops.dora_fx.compose.default, args)
+
+
+def test_compose_promotes_like_peft():
+    result = torch.randn(4, 6, dtype=torch.bfloat16)
+    magnitude = torch.rand(6) + 1
+    out = torch.ops.dora_fx.compose(result, None, None, result.clone(), magnitude, torch.rand(6) + 1, 2.0)
+    assert out.dtype == torch.float32  # bf16 activations with a float32 magnitude: PEFT returns float32
+    assert reference.compose_dtype(result, None, result, magnitude.bfloat16()) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.update(lora=a["lora"][..., :-1]), "lora"),
+        (lambda a: a.update(magnitude=a["magnitude"][:-1]), "magnitude must have shape"),
+        (lambda a: a.update(base=a["result"].clone(), bias=a["magnitude"].clone()), "pass bias only when base is None"),
+    ],
+)
+def test_compose_rejects_bad_inputs_clearly(mutate, message):
+    result, _, _, lora, magnitude, norm, s = (t.detach() if isinstance(t, torch.Tensor) else t
+                                               for t in _compose_inputs("plain"))
+    args = dict(result=result, base=None, bias=None, lora=lora, magnitude=magnitude, norm=norm, scaling=s)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.dora_fx.compose(*args.values())
+
+
+def test_weight_norm_rejects_shapes_that_do_not_chain():
+    _, (weight, lora_A, lora_B, s, _) = _norm_inputs()
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        torch.ops.dora_fx.weight_norm(weight, lora_A[:, :-1], lora_B, s, False)
