@@ -32,6 +32,8 @@ class Rewrite:
     dtype: str
     variant: str
     dense_bytes_avoided: int
+    code_before: str = dataclasses.field(default="", repr=False, compare=False)
+    code_after: str = dataclasses.field(default="", repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +66,15 @@ class Report:
     def near_misses(self) -> list[NearMiss]:
         return [m for g in self.graphs for m in g.near_misses]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, code: bool = False) -> dict:
+        """Plain data for programs; ``code=True`` keeps each rewrite's FX code before and after."""
+        graphs = [dataclasses.asdict(g) for g in self.graphs]
+        if not code:
+            for graph in graphs:
+                for rewrite in graph["rewrites"]:
+                    del rewrite["code_before"], rewrite["code_after"]
         return {
-            "graphs": [dataclasses.asdict(g) for g in self.graphs],
+            "graphs": graphs,
             "total_rewrites": len(self.rewrites),
             "total_near_misses": len(self.near_misses),
             "total_dense_bytes_avoided": sum(r.dense_bytes_avoided for r in self.rewrites),

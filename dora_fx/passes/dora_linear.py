@@ -73,6 +73,10 @@ _INTERIOR = ("eye", "a_eye", "dense", "dense_t", "scaled", "summed", "norm", "g"
 _DENSE_PRODUCT = ("eye", "a_eye", "dense", "dense_t", "scaled", "summed", "norm")
 
 
+# Readable placeholder names for the audit's code dumps (FX lower-cases placeholder names).
+_ROLE_NAMES = {"A": "lora_a", "B": "lora_b", "m": "magnitude", "W": "weight_operand"}
+
+
 class NoMatch(Exception):
     """A candidate is not a rewritable DoRA region; ``report`` says whether it is worth a near-miss."""
 
@@ -270,18 +274,15 @@ def _fake_value(target, args):
         return target(*vals)
 
 
-def _removable(region: Region) -> list[fx.Node]:
-    """Nodes that may die once ``out`` is replaced: interior nodes and the casts between them."""
-    nodes = [region.nodes[n] for n in _INTERIOR if n in region.nodes]
+def _region_nodes(region: Region) -> set[fx.Node]:
+    """Every node the rewrite replaces, casts between them included (for the audit's code dump)."""
+    nodes = {region.nodes[n] for n in (*_INTERIOR, "out") if n in region.nodes}
     if region.bias is not None:
-        nodes.append(region.nodes["base"])
-    nodes.append(region.nodes["W"])
-    nodes += [region.nodes["out"]]
-    extra = []
-    for node in nodes:
+        nodes.add(region.nodes["base"])
+    for node in list(nodes):
         for arg in node.all_input_nodes:
-            extra += gv.transparent_chain(arg)
-    return nodes + extra
+            nodes.update(gv.transparent_chain(arg))
+    return nodes
 
 
 def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
@@ -289,6 +290,10 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
     graph = gm.graph
     nodes = region.nodes
     out = nodes["out"]
+    roles = {node: _ROLE_NAMES.get(role, role) for role, node in nodes.items()} | {region.weight: "weight"}
+    if region.bias is not None:
+        roles[region.bias] = "bias"
+    code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
     norm_val = _fake_value(torch.ops.dora_fx.weight_norm.default, norm_args)
     with graph.inserting_before(nodes["norm"]):
@@ -303,10 +308,10 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
         stack_trace=out.meta.get("stack_trace"),
     )
     out.replace_all_uses_with(new_out)
-    _erase_dead(graph, _removable(region))
+    _erase_dead(graph, [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"])])
     dense = gv.value(nodes["dense"])
     return Rewrite(
-        module=module_path(out),
+        module=module_path(new_out),
         d_out=region.d_out,
         d_in=region.d_in,
         r=region.r,
@@ -314,6 +319,8 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
         dtype=str(gv.value(nodes["result"]).dtype).removeprefix("torch."),
         variant=region.variant,
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
+        code_before=code_before,
+        code_after=gv.subgraph_code({new_norm, new_out}, new_out, roles),
     )
 
 

@@ -220,3 +220,24 @@ def scalar_operand(node: fx.Node) -> float | None:
 def value(node: fx.Node):
     """The example value Dynamo recorded for ``node`` (a fake tensor), or None."""
     return node.meta.get("val", node.meta.get("example_value"))
+
+
+def subgraph_code(nodes: set[fx.Node], output: fx.Node, input_names: dict[fx.Node, str]) -> str:
+    """Python source of ``nodes`` as a stand-alone FX graph that returns ``output``.
+
+    Values flowing in from outside ``nodes`` become placeholders, named by ``input_names`` where it
+    has them (Dynamo's own names for parameters run to a hundred characters).
+    """
+    order = {n: i for i, n in enumerate(output.graph.nodes)}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+
+    def lookup(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.placeholder(input_names.get(node, node.name))
+        return env[node]
+
+    for node in sorted(nodes, key=order.__getitem__):
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(env[output])
+    return graph.python_code("self").src.strip()
