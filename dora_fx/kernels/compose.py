@@ -34,10 +34,11 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _column_factors(m_ptr, norm_ptr, cols, mask_n):
-    """``g = m / norm`` and ``g - 1 = (m - norm) / norm`` (no cancellation when ``m ≈ norm``)."""
+    """``g = m / norm`` and ``g - 1 = (m - norm) / norm`` (no cancellation when ``m ≈ norm``),
+    correctly rounded (``div_rn``, as PyTorch divides; Triton's ``/`` is an approximate division)."""
     m = tl.load(m_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
     n = tl.load(norm_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
-    return m / n, (m - n) / n
+    return tl.div_rn(m, n), tl.div_rn(m - n, n)
 
 
 @triton.jit
@@ -157,15 +158,23 @@ def _compose_backward_kernel(
 
 
 @triton.jit
-def _column_sum_kernel(partial_ptr, norm_ptr, out_ptr, n_parts, n_cols, stride_partial, BLOCK_N: tl.constexpr):
+def _column_sum_kernel(
+    partial_ptr, norm_ptr, out_ptr, n_parts, n_cols, stride_partial, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """``out[j] = (Σ_t P[t, j]) / norm[j]`` in float32, rounded once to ``out``'s dtype."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     mask = cols < n_cols
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in range(0, n_parts):
-        total += tl.load(partial_ptr + t * stride_partial + cols, mask=mask, other=0.0)
+    total = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for t in range(0, n_parts, BLOCK_P):
+        parts = t + offs_p
+        total += tl.load(
+            partial_ptr + parts[:, None] * stride_partial + cols[None, :],
+            mask=(parts < n_parts)[:, None] & mask[None, :],
+            other=0.0,
+        )
     n = tl.load(norm_ptr + cols, mask=mask, other=1.0).to(tl.float32)
-    tl.store(out_ptr + cols, total / n, mask=mask)
+    tl.store(out_ptr + cols, tl.div_rn(tl.sum(total, axis=0), n), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +351,10 @@ def compose_backward(
         num_warps=cfg.num_warps,
     )
     grad_magnitude = torch.empty_like(magnitude)
-    block = min(1024, triton.next_power_of_2(n_cols))
+    block_p = min(32, triton.next_power_of_2(strips))
+    block = min(max(32, 2048 // block_p), triton.next_power_of_2(n_cols))
     _column_sum_kernel[(triton.cdiv(n_cols, block),)](
-        partial, _vector(norm), grad_magnitude, strips, n_cols, partial.stride(0), BLOCK_N=block, num_warps=4
+        partial, _vector(norm), grad_magnitude, strips, n_cols, partial.stride(0),
+        BLOCK_P=block_p, BLOCK_N=block, num_warps=4,
     )
     return _finish(grad_main, grad_main2), _finish(grad_lora, grad_lora2), grad_magnitude

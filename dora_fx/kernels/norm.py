@@ -70,6 +70,7 @@ def _gram_kernel(
     stride_pj,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Partial Gram matrix ``P[s, i, j] = Σ_{k ∈ split s} A[i, k]·A[j, k]`` in float32.
@@ -93,9 +94,13 @@ def _gram_kernel(
     aj_ptrs = a_ptr + offs_j[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak  # [K, G]
     acc = tl.zeros((BLOCK_G, BLOCK_G), dtype=tl.float32)
     for k in range(k_start, k_stop, BLOCK_K):
-        k_left = k_stop - k
-        ai = tl.load(ai_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        aj = tl.load(aj_ptrs, mask=mask_j[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        if EVEN_K:  # no mask along the contiguous K: keeps 16-byte loads
+            ai = tl.load(ai_ptrs, mask=mask_i[:, None], other=0.0)
+            aj = tl.load(aj_ptrs, mask=mask_j[None, :], other=0.0)
+        else:
+            k_left = k_stop - k
+            ai = tl.load(ai_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            aj = tl.load(aj_ptrs, mask=mask_j[None, :] & (offs_k[:, None] < k_left), other=0.0)
         acc = _mma(ai, aj, acc, UPCAST)
         ai_ptrs += BLOCK_K * stride_ak
         aj_ptrs += BLOCK_K * stride_ak
@@ -107,11 +112,57 @@ def _gram_kernel(
 
 
 @triton.jit
+def _gram_finish_kernel(
+    partial_ptr,
+    g_ptr,
+    g_lo_ptr,
+    n_elements,
+    splits,
+    stride_ps,
+    SPLIT_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``G = Σ_s P[s]`` over the flattened ``r × r`` Gram matrix, in float32.
+
+    With ``SPLIT_BF16`` it stores ``G_hi = bf16(G)`` to ``g_ptr`` and ``G_lo = bf16(G - G_hi)`` to
+    ``g_lo_ptr`` (``G_hi + G_lo`` carries about 16 bits of ``G``), else ``G`` itself to ``g_ptr``.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask = offs < n_elements
+    total = tl.zeros((BLOCK_S, BLOCK), dtype=tl.float32)
+    for s in range(0, splits, BLOCK_S):
+        rows = s + offs_s
+        total += tl.load(
+            partial_ptr + rows[:, None] * stride_ps + offs[None, :], mask=(rows < splits)[:, None] & mask[None, :], other=0.0
+        )
+    g = tl.sum(total, axis=0)
+    if SPLIT_BF16:
+        g_hi = g.to(tl.bfloat16)
+        tl.store(g_ptr + offs, g_hi, mask=mask)
+        tl.store(g_lo_ptr + offs, (g - g_hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(g_ptr + offs, g, mask=mask)
+
+
+@triton.jit
+def _row_squares(w, w_ptrs, w_mask, OWN_LOAD: tl.constexpr):
+    """``Σ_k W[i, k]²`` over a tile, in float32 (from the tile given, or a load of its own)."""
+    if OWN_LOAD:
+        wf = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+    else:
+        wf = w.to(tl.float32)
+    return tl.sum(wf * wf, axis=1)
+
+
+@triton.jit
 def _norm_partial_kernel(
     w_ptr,
     a_ptr,
     b_ptr,
     g_ptr,
+    g_lo_ptr,
     partial_ptr,
     d_out,
     d_in,
@@ -131,9 +182,11 @@ def _norm_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_G_BF16: tl.constexpr,
     ROUND_ROBIN_SQUARES: tl.constexpr,
+    SQUARES_OWN_LOAD: tl.constexpr,
     FINAL: tl.constexpr,
 ):
     """Partial squared row norms of ``W + s·B·A`` for a tile of rows ``M``, LoRA columns ``N`` and
@@ -147,8 +200,9 @@ def _norm_partial_kernel(
     Each of the ``cdiv(r, BLOCK_N)`` column programs of a ``(M, K)`` tile squares every
     ``num_n``-th K step of ``W`` (``ROUND_ROBIN_SQUARES``; otherwise column block 0 squares all of
     them), so the sum of ``P`` over ``(k, n)`` is ``||W_i + s(BA)_i||²``. ``(B G)[:, N]`` runs on
-    tensor cores: with ``SPLIT_G_BF16`` the fp32 ``G`` is split as ``G_hi + G_lo`` (both bf16)
-    against the bf16 ``B``, keeping about 16 bits of ``G``; otherwise an fp32 ``tf32x3`` product.
+    tensor cores: with ``SPLIT_G_BF16``, ``G = G_hi + G_lo`` (``g_ptr``, ``g_lo_ptr``, both bf16, about
+    16 bits of ``G``) against the bf16 ``B``; otherwise fp32 ``G`` at ``g_ptr`` in a ``tf32x3`` product.
+    ``SQUARES_OWN_LOAD`` squares a second load of the ``W`` tile instead of the one fed to ``tl.dot``.
     ``FINAL`` (a single partial per row) stores ``sqrt(max(P, 0))`` directly.
     """
     pid = tl.program_id(0)
@@ -171,17 +225,20 @@ def _norm_partial_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for it in range(0, tl.cdiv(k_stop - k_start, BLOCK_K)):
-        k_left = k_stop - k_start - it * BLOCK_K
-        w = tl.load(w_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        if EVEN_K:  # no mask along K, which is W's contiguous dim unless fan_in_fan_out: 16-byte loads
+            w_mask = mask_m[:, None]
+            a = tl.load(a_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = k_stop - k_start - it * BLOCK_K
+            w_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
+            a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = _mma(w, a, acc, UPCAST)
         if ROUND_ROBIN_SQUARES:
             if it % num_n == pid_n:
-                wf = w.to(tl.float32)
-                w_sq += tl.sum(wf * wf, axis=1)
+                w_sq += _row_squares(w, w_ptrs, w_mask, SQUARES_OWN_LOAD)
         else:
-            wf = w.to(tl.float32)
-            w_sq += tl.sum(wf * wf, axis=1)
+            w_sq += _row_squares(w, w_ptrs, w_mask, SQUARES_OWN_LOAD)
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
     if not ROUND_ROBIN_SQUARES:
@@ -199,16 +256,12 @@ def _norm_partial_kernel(
                 mask=mask_m[:, None] & mask_r[None, :],
                 other=0.0,
             )
-            g = tl.load(
-                g_ptr + (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj,
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
-            )
+            g_offs = (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj
+            g_mask = mask_r[:, None] & mask_n[None, :]
+            g = tl.load(g_ptr + g_offs, mask=g_mask, other=0.0)
             if SPLIT_G_BF16:
-                g_hi = g.to(tl.bfloat16)
-                g_lo = (g - g_hi.to(tl.float32)).to(tl.bfloat16)
-                bg = _mma(b, g_hi, bg, UPCAST)
-                bg = _mma(b, g_lo, bg, UPCAST)
+                bg = _mma(b, g, bg, UPCAST)
+                bg = _mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
             else:
                 bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
         contrib += (scaling * scaling) * bg
@@ -219,19 +272,23 @@ def _norm_partial_kernel(
     ).to(tl.float32)
     squared = w_sq + tl.sum(b_n * contrib, axis=1)
     if FINAL:
-        squared = tl.sqrt(tl.maximum(squared, 0.0))
+        squared = tl.sqrt_rn(tl.maximum(squared, 0.0))
     tl.store(partial_ptr + (pid_k * num_n + pid_n) * stride_pn + offs_m, squared, mask=mask_m)
 
 
 @triton.jit
-def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLOCK: tl.constexpr):
+def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     """``out[i] = sqrt(max(Σ_n P[n, i], 0))``: the clamp absorbs cancellation below zero."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_p = tl.arange(0, BLOCK_P)
     mask = offs < d_out
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for n in range(0, num_parts):
-        total += tl.load(partial_ptr + n * stride_pn + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, tl.sqrt(tl.maximum(total, 0.0)), mask=mask)
+    total = tl.zeros((BLOCK_P, BLOCK), dtype=tl.float32)
+    for n in range(0, num_parts, BLOCK_P):
+        parts = n + offs_p
+        total += tl.load(
+            partial_ptr + parts[:, None] * stride_pn + offs[None, :], mask=(parts < num_parts)[:, None] & mask[None, :], other=0.0
+        )
+    tl.store(out_ptr + offs, tl.sqrt_rn(tl.maximum(tl.sum(total, axis=0), 0.0)), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +307,7 @@ class NormConfig:
     split_k: int = 1
     block_r: int | None = None
     round_robin_squares: bool = True
+    squares_own_load: bool = False
 
 
 @functools.cache
@@ -288,9 +346,12 @@ def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
     return not native or (interpreting and a == torch.bfloat16)
 
 
-def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max_splits: int = 64) -> torch.Tensor:
-    """``A Aᵀ`` in float32 via ``_gram_kernel`` (split over ``d_in`` to fill the chip, into at most
-    ``max_splits`` partial sums)."""
+def _gram(
+    lora_A: torch.Tensor, upcast: bool, split_bf16: bool, n_sm: int, interpreting: bool, max_splits: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``G = A Aᵀ`` via ``_gram_kernel`` (split over ``d_in`` into at most ``max_splits`` partial
+    sums, to fill the chip) and ``_gram_finish_kernel``: ``(G_hi, G_lo)`` in bf16 when
+    ``split_bf16``, else ``(G, None)`` in float32."""
     r, d_in = lora_A.shape
     block_g = 16 if r <= 16 else (32 if r <= 32 or interpreting else 64)
     block_k = 32 if interpreting else 64
@@ -300,7 +361,8 @@ def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max
     splits = max(1, min(triton.cdiv(2 * n_sm, upper_tiles), triton.cdiv(k_steps, 4), max_splits))
     k_per_split = triton.cdiv(k_steps, splits) * block_k
     splits = triton.cdiv(d_in, k_per_split)
-    partial = torch.empty((splits, r, r), dtype=torch.float32, device=lora_A.device)
+    device = lora_A.device
+    partial = torch.empty((splits, r, r), dtype=torch.float32, device=device)
     _gram_kernel[(tiles, tiles, splits)](
         lora_A,
         partial,
@@ -314,11 +376,23 @@ def _gram(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max
         partial.stride(2),
         BLOCK_G=block_g,
         BLOCK_K=block_k,
+        EVEN_K=d_in % block_k == 0,
         UPCAST=upcast,
         num_warps=4,
         num_stages=1 if interpreting else 3,
     )
-    return partial[0] if splits == 1 else partial.sum(dim=0)
+    if split_bf16:
+        gram = torch.empty((r, r), dtype=torch.bfloat16, device=device)
+        gram_lo = torch.empty_like(gram)
+    else:
+        gram, gram_lo = torch.empty((r, r), dtype=torch.float32, device=device), None
+    block_s = min(32, triton.next_power_of_2(splits))
+    block = max(32, 4096 // block_s)
+    _gram_finish_kernel[(triton.cdiv(r * r, block),)](
+        partial, gram, gram_lo, r * r, splits, partial.stride(0),
+        SPLIT_BF16=split_bf16, BLOCK_S=block_s, BLOCK=block, num_warps=4,
+    )
+    return gram, gram_lo
 
 
 def weight_norm(
@@ -348,10 +422,12 @@ def weight_norm(
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
 
     upcast = _needs_upcast(weight.dtype, lora_A.dtype, interpreting)
-    gram_upcast = _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting)
-    # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
-    gram = _gram(lora_A, gram_upcast, _num_sms(device), interpreting, max_splits=min(64, d_out // r - 1))
     split_g = lora_B.dtype == torch.bfloat16
+    # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
+    gram, gram_lo = _gram(
+        lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), split_g, _num_sms(device), interpreting,
+        max_splits=min(64, d_out // r - 1),
+    )
 
     num_n = triton.cdiv(r, cfg.block_n)
     k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.block_k), cfg.split_k) * cfg.block_k
@@ -366,6 +442,7 @@ def weight_norm(
         lora_A,
         lora_B,
         gram,
+        gram_lo,
         partial,
         d_out,
         d_in,
@@ -385,16 +462,19 @@ def weight_norm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
+        EVEN_K=d_in % cfg.block_k == 0,
         UPCAST=upcast or (split_g and interpreting),
         SPLIT_G_BF16=split_g,
         ROUND_ROBIN_SQUARES=cfg.round_robin_squares,
+        SQUARES_OWN_LOAD=cfg.squares_own_load,
         FINAL=num_parts == 1,
         num_warps=cfg.num_warps,
         num_stages=1 if interpreting else cfg.num_stages,
     )
     if num_parts > 1:
-        block = 1024 if not interpreting else _pow2_at_least(d_out)
+        block_p = min(32, triton.next_power_of_2(num_parts))
+        block = max(32, 2048 // block_p)
         _norm_finalize_kernel[(triton.cdiv(d_out, block),)](
-            partial, out, d_out, num_parts, partial.stride(0), BLOCK=block, num_warps=4
+            partial, out, d_out, num_parts, partial.stride(0), BLOCK_P=block_p, BLOCK=block, num_warps=4
         )
     return out

@@ -1,8 +1,10 @@
 """``dora_fx.kernels.compose`` (forward and backward) against the reference math.
 
 Each output is checked twice: against a float64 evaluation (error within the output dtype's
-rounding), and against the reference run on the same inputs (float32 math, one rounding: equal up
-to one unit in the last place). CPU: Triton's interpreter at small, odd shapes; CUDA: full sizes.
+rounding), and element by element against the reference run on the same inputs (float32 math, one
+rounding): at most one unit in the last place of the output, plus a few float32 roundings of the
+terms summed (the kernel may fuse a multiply and an add where PyTorch rounds twice).
+CPU: Triton's interpreter at small, odd shapes; CUDA: full sizes.
 """
 
 from __future__ import annotations
@@ -47,13 +49,24 @@ def _poison(device, nbytes):
     del junk
 
 
-def _assert_matches(got, same_inputs, float64, dtype):
+def _assert_matches(got, same_inputs, float64, dtype, terms):
+    """``terms``: float64 sum of the absolute values of the terms that make each element."""
     assert got.dtype == same_inputs.dtype and got.shape == same_inputs.shape
     assert torch.isfinite(got).all(), "unwritten or non-finite output"
     rel = ((got.double() - float64).norm() / float64.norm()).item()
     assert rel < _REL_TO_FLOAT64[dtype], f"relative error to float64 {rel:.2e}"
-    eps = torch.finfo(got.dtype).eps
-    torch.testing.assert_close(got, same_inputs, rtol=eps, atol=eps * float64.abs().max().item() * 1e-2)
+    bound = torch.finfo(got.dtype).eps * same_inputs.double().abs() + 4 * torch.finfo(torch.float32).eps * terms
+    excess = (got.double() - same_inputs.double()).abs() - bound
+    assert excess.max().item() <= 0, f"{(excess > 0).sum().item()} elements differ from the reference beyond rounding"
+
+
+def _terms(t):
+    """|result| + |g - 1|·|base| + |g·s|·|lora| in float64, per element."""
+    m, n = t["magnitude"].double(), t["norm"].double()
+    g = m / n
+    result = t["result"].double()
+    base = t["base"].double() if t["base"] is not None else result - (0 if t["bias"] is None else t["bias"].double())
+    return result.abs() + ((g - 1).abs() * base.abs()) + (g * t["scaling"]).abs() * t["lora"].double().abs()
 
 
 def _check_forward(t, **kwargs):
@@ -62,7 +75,7 @@ def _check_forward(t, **kwargs):
     got = compose.compose(*args, **kwargs)
     same = reference.compose(*args)
     exact = reference.compose(*map(_f64, args[:-1]), args[-1])
-    _assert_matches(got, same, exact, same.dtype)
+    _assert_matches(got, same, exact, same.dtype, _terms(t))
     assert got.stride() == torch.empty_like(t["result"], dtype=got.dtype).stride()
 
 
@@ -79,7 +92,7 @@ def _check_backward(t, grad_out, **kwargs):
                 rel = ((g.double() - e).norm() / e.norm()).item()
                 assert rel < max(_REL_TO_FLOAT64[g.dtype], 1e-5), f"relative error to float64 {rel:.2e}"
             else:
-                _assert_matches(g, s, e, s.dtype)
+                _assert_matches(g, s, e, s.dtype, e.abs())
         except AssertionError as exc:
             raise AssertionError(f"{name}: {exc}") from exc
 

@@ -127,6 +127,17 @@ def test_cuda_full_sizes(d_out, d_in, r, fan_in_fan_out, dtype):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("r", [16, 384])
+def test_cuda_run_to_run_identical(r):
+    # No atomics and no races: the same inputs give the same bits.
+    weight, lora_A, lora_B = _make(8192, 8192, r, torch.bfloat16, False, device="cuda", seed=7)
+    first = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
+    for _ in range(3):
+        assert torch.equal(norm.weight_norm(weight, lora_A, lora_B, 2.0, False), first)
+
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_op_in_torch_compile_launches_the_kernel():
     import dora_fx.ops  # noqa: F401  registers torch.ops.dora_fx
 

@@ -1,0 +1,158 @@
+"""Timing, memory, error and reporting helpers shared by the end-to-end benchmarks.
+
+Times are medians: on CUDA of ``triton.testing.do_bench`` (device events, L2 flushed before each
+run), on the CPU of ``time.perf_counter`` around synchronous calls. Memory is measured on CUDA only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout: import the dora_fx next to it
+    sys.path.insert(0, str(REPO))
+
+MiB = 2**20
+GiB = 2**30
+
+CONTENDERS = ("eager", "inductor", "dora_fx")
+"""PEFT eager, PEFT + ``torch.compile(backend="inductor")``, PEFT + ``torch.compile(backend=dora_backend)``."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float, grad_to_none=None) -> float:
+    """Median time of ``fn()`` in milliseconds, after warm-up; ``rep_ms`` is the time spent repeating."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=max(1.0, rep_ms / 4), rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    fn()  # warm-up
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """``(fn(), wall seconds)`` with the device synchronized on both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(o) for o in obj)
+    return 0
+
+
+def memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, int | None]:
+    """``(peak, transient)`` bytes of one call of ``fn()``; ``(None, None)`` off CUDA.
+
+    ``peak`` is ``max_memory_allocated`` during the call (weights and inputs included). ``transient``
+    is that peak minus what was allocated before the call and minus what the call returns, so the
+    persistent weights, inputs and the output itself are excluded.
+    """
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    transient = max(0, peak - before - nbytes(out))
+    del out
+    return peak, transient
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def cosine(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(actual.double().flatten(), expected.double().flatten(), dim=0).item()
+
+
+def free(device: torch.device) -> None:
+    """Forget compiled code and cached blocks between cells, so each cell starts clean."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def environment(device: torch.device) -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        import triton
+
+        env |= {"gpu": torch.cuda.get_device_name(device), "triton": triton.__version__}
+    else:
+        env |= {"cpu_threads": torch.get_num_threads()}
+    return env
+
+
+def write_json(path: str | pathlib.Path, payload: dict) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable]) -> str:
+    cells = [list(map(str, header))] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def mib(n: int | None) -> float | None:
+    return None if n is None else n / MiB
+
+
+def fmt(value: float | None, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
+
+
+def target_line(label: str, value: float | None, threshold: float, at_least: bool = True, unit: str = "x") -> str:
+    """One line ``label: got value, target >= threshold: met / MISSED`` (``n/a`` when not measured)."""
+    sign = ">=" if at_least else "<="
+    if value is None:
+        return f"  {label}: n/a (cell not measured), target {sign} {threshold:g}{unit}"
+    met = value >= threshold if at_least else value <= threshold
+    return f"  {label}: {value:.3g}{unit}, target {sign} {threshold:g}{unit}: {'met' if met else 'MISSED'}"

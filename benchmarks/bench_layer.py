@@ -1,0 +1,225 @@
+"""One PEFT DoRA Linear: PEFT eager vs PEFT + Inductor vs dora_fx, forward and forward + backward.
+
+    python benchmarks/bench_layer.py [--quick] [--out benchmarks/results/layer.json]
+    python benchmarks/bench_layer.py --device cpu          # smoke run: d=64, r=8, 32 tokens
+
+Each cell builds a bias-free ``nn.Linear(d, d)`` wrapped in a tiny module, made a PEFT DoRA layer
+(``use_dora=True``, ``lora_alpha = 2r``, dropout 0) with non-zero LoRA ``B``, cast to bf16. The three
+contenders share that module: PEFT eager, ``torch.compile(backend="inductor")`` and
+``torch.compile(backend=dora_fx.dora_backend)``. Inputs are ``[1, tokens, d]`` random normals.
+
+- forward: ``model.eval()`` under ``torch.no_grad()``; forward + backward: ``model.train()``, the
+  input requires grad, ``out.backward(dy)`` with a fixed random ``dy``.
+- time: median (see ``_common.median_ms``), after the compiling first call.
+- memory: transient bytes of one call: the peak beyond what was allocated before it, less the output
+  it returns (forward), or less nothing (forward + backward: the gradients it leaves are counted).
+- error: relative error of the output (forward) or of output and every gradient, the largest
+  (forward + backward), against PEFT eager in the same dtype; forward also against PEFT eager run in
+  float32 on an upcast copy of the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+import _common as C
+
+import dora_fx  # noqa: E402  (after _common put the checkout on sys.path)
+from dora_fx.models import dora_config, randomize_adapters
+
+MODES = ("fwd", "fwd+bwd")
+TARGETS = {  # (mode, d, r, tokens): (min speedup vs eager, min speedup vs inductor)
+    ("fwd", 8192, 384, 4096): (1.8, 1.15),
+    ("fwd", 8192, 384, 512): (3.5, 2.0),
+    ("fwd+bwd", 8192, 384, 4096): (1.6, 1.2),
+}
+FWD_MEMORY_TARGET = 1 / 3  # dora_fx forward transient memory over PEFT + Inductor's, at most
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def build_layer(d: int, r: int, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A PEFT DoRA ``OneLinear`` built in float32 on ``device``, adapters randomised, cast to ``dtype``."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = get_peft_model(OneLinear(d, d), dora_config(["proj"], r, dropout=0.0))
+    randomize_adapters(model, torch.Generator().manual_seed(seed + 1))
+    return model.to(dtype)
+
+
+def contenders(model: nn.Module) -> dict:
+    return {
+        "eager": model,
+        "inductor": torch.compile(model, backend="inductor"),
+        "dora_fx": torch.compile(model, backend=dora_fx.dora_backend),
+    }
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def forward_cell(model, fns, x, device, rep_ms) -> dict:
+    model.eval()
+    with torch.no_grad():
+        reference = copy.deepcopy(model).float()(x.float())
+        results, outputs = {}, {}
+        for name, fn in fns.items():
+            outputs[name], first_s = C.timed_call(lambda: fn(x), device)
+            ms = C.median_ms(lambda: fn(x), device, rep_ms)
+            peak, transient = C.memory(lambda: fn(x), device)
+            results[name] = {"ms": ms, "first_call_s": first_s, "peak_bytes": peak, "transient_bytes": transient,
+                             "err_vs_fp32": C.relative_error(outputs[name], reference)}
+    for name, res in results.items():
+        res["err_vs_eager"] = C.relative_error(outputs[name], outputs["eager"])
+    return results
+
+
+def train_cell(model, fns, x, dy, device, rep_ms) -> dict:
+    model.train()
+    x = x.detach().requires_grad_()
+    params = trainable(model)
+    results, observed = {}, {}
+    for name, fn in fns.items():
+
+        def step(fn=fn):
+            fn(x).backward(dy)
+
+        for t in [x, *params]:
+            t.grad = None
+        out, first_s = C.timed_call(lambda: fn(x), device)
+        out.backward(dy)
+        observed[name] = [out.detach(), x.grad, *(p.grad for p in params)]
+        ms = C.median_ms(step, device, rep_ms, grad_to_none=[x, *params])
+        for t in [x, *params]:
+            t.grad = None
+        peak, transient = C.memory(step, device)
+        results[name] = {"ms": ms, "first_call_s": first_s, "peak_bytes": peak, "transient_bytes": transient}
+    for name, res in results.items():
+        res["err_vs_eager"] = max(C.relative_error(a, e) for a, e in zip(observed[name], observed["eager"]))
+    return results
+
+
+def run_cell(d: int, r: int, tokens: int, device: torch.device, dtype: torch.dtype, rep_ms: float) -> list[dict]:
+    seed = d + 7 * r + 13 * tokens
+    model = build_layer(d, r, device, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(1, tokens, d, generator=gen).to(device, dtype)
+    dy = torch.randn(1, tokens, d, generator=gen).to(device, dtype)
+    fns = contenders(model)
+    dora_fx.reset_report()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        by_mode = {"fwd": forward_cell(model, fns, x, device, rep_ms),
+                   "fwd+bwd": train_cell(model, fns, x, dy, device, rep_ms)}
+    rewrites = len(dora_fx.last_report().rewrites)
+    messages = sorted({str(w.message) for w in caught if "dora_fx" in str(w.message)})
+    del model, fns, x, dy
+    C.free(device)
+    return [{"d": d, "r": r, "tokens": tokens, "mode": mode, "contenders": res, "dora_fx_rewrites": rewrites,
+             "dora_fx_warnings": messages} for mode, res in by_mode.items()]
+
+
+def speedups(cell: dict) -> tuple[float, float]:
+    ms = {name: res["ms"] for name, res in cell["contenders"].items()}
+    return ms["eager"] / ms["dora_fx"], ms["inductor"] / ms["dora_fx"]
+
+
+def memory_ratio(cell: dict) -> float | None:
+    """dora_fx's transient memory over PEFT + Inductor's (None off CUDA)."""
+    res = cell["contenders"]
+    mine, theirs = res["dora_fx"]["transient_bytes"], res["inductor"]["transient_bytes"]
+    return None if mine is None or not theirs else mine / theirs
+
+
+def print_table(cells: list[dict]) -> None:
+    header = ["d", "r", "tokens", "mode", *(f"{n} ms" for n in C.CONTENDERS), "x eager", "x inductor",
+              *(f"{n} MiB" for n in C.CONTENDERS), "err inductor", "err dora_fx", "fp32err eager", "fp32err dora_fx",
+              "rewrites"]
+    rows = []
+    for cell in cells:
+        res = cell["contenders"]
+        vs_eager, vs_inductor = speedups(cell)
+        rows.append([
+            cell["d"], cell["r"], cell["tokens"], cell["mode"],
+            *(C.fmt(res[n]["ms"], ".3f") for n in C.CONTENDERS),
+            C.fmt(vs_eager, ".2f"), C.fmt(vs_inductor, ".2f"),
+            *(C.fmt(C.mib(res[n]["transient_bytes"]), ".1f") for n in C.CONTENDERS),
+            C.fmt(res["inductor"]["err_vs_eager"], ".1e"), C.fmt(res["dora_fx"]["err_vs_eager"], ".1e"),
+            C.fmt(res["eager"].get("err_vs_fp32"), ".1e"), C.fmt(res["dora_fx"].get("err_vs_fp32"), ".1e"),
+            cell["dora_fx_rewrites"],
+        ])
+    print(C.table(header, rows))
+    for cell in cells:
+        for message in cell["dora_fx_warnings"]:
+            print(f"warning (d={cell['d']} r={cell['r']} tokens={cell['tokens']}): {message}")
+
+
+def print_targets(cells: list[dict]) -> None:
+    index = {(c["mode"], c["d"], c["r"], c["tokens"]): c for c in cells}
+    print("targets (dora_fx):")
+    for (mode, d, r, tokens), (min_eager, min_inductor) in TARGETS.items():
+        cell = index.get((mode, d, r, tokens))
+        vs_eager, vs_inductor = speedups(cell) if cell else (None, None)
+        where = f"{mode} d={d} r={r} tokens={tokens}"
+        print(C.target_line(f"{where} vs eager", vs_eager, min_eager))
+        print(C.target_line(f"{where} vs inductor", vs_inductor, min_inductor))
+    for (mode, d, r, tokens), cell in index.items():
+        if mode == "fwd" and (d, r) == (8192, 384):
+            label = f"fwd transient memory / inductor's, d={d} r={r} tokens={tokens}"
+            print(C.target_line(label, memory_ratio(cell), FWD_MEMORY_TARGET, at_least=False))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny smoke sizes)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--d", type=int, nargs="+", help="d_in = d_out values (default 4096 8192; cpu: 64)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default 16 384; cpu: 8)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 512 4096; cpu: 32)")
+    parser.add_argument("--quick", action="store_true", help="only the target cells: d=8192, r=384")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="time spent repeating each measurement")
+    parser.add_argument("--out", default="benchmarks/results/layer.json")
+    args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.d = args.d or ([64] if cpu else [8192] if args.quick else [4096, 8192])
+    args.ranks = args.ranks or ([8] if cpu else [384] if args.quick else [16, 384])
+    args.tokens = args.tokens or ([32] if cpu else [512, 4096])
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    payload = {"env": C.environment(device), "config": {**vars(args), "bias": False, "dropout": 0.0,
+                                                         "lora_alpha": "2r", "input_shape": "[1, tokens, d]"},
+               "cells": []}
+    for d in args.d:
+        for r in args.ranks:
+            for tokens in args.tokens:
+                print(f"cell d={d} r={r} tokens={tokens}", flush=True)
+                payload["cells"] += run_cell(d, r, tokens, device, dtype, args.rep_ms)
+                C.write_json(args.out, payload)
+    print(f"\nPEFT DoRA Linear, {args.dtype}, {payload['env'].get('gpu', args.device)}; "
+          f"ms = median, MiB = transient, err = relative error vs PEFT eager")
+    print_table(payload["cells"])
+    print_targets(payload["cells"])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
