@@ -8,7 +8,7 @@ import re
 
 import torch.fx as fx
 
-_PATH_PART = re.compile(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|^([A-Za-z_][A-Za-z0-9_]*)")
+_PATH_PART = re.compile(r"\['([^']+)'\]|\[(\d+)\]|\.(\w+)|^(\w+)")
 _NOT_PATH = {"L", "self", "__dict__", "_modules", "fn"}
 
 
