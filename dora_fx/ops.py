@@ -2,7 +2,7 @@
 
 ``dora_fx::weight_norm``
     Row norms of ``W + s·B·A`` from the factored form, float32, ``[d_out]``. No gradient: PEFT
-    detaches the norm.
+    detaches the norm. Reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`).
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from dora_fx import norm_cache
 from dora_fx.kernels import dispatch, reference
 
 Tensor = torch.Tensor
@@ -67,6 +68,10 @@ def _check_compose_inputs(
 @torch.library.custom_op("dora_fx::weight_norm", mutates_args=())
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
+    return norm_cache.cached_or_compute(_compute_weight_norm, weight, lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+def _compute_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out)
 
 
