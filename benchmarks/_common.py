@@ -41,14 +41,13 @@ def median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float, gra
         return do_bench(fn, warmup=max(1.0, rep_ms / 4), rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
-    fn()  # warm-up
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
+    while len(times) < 4 or (time.perf_counter() < deadline and len(times) < 100):
         for t in grad_to_none or ():
             t.grad = None
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times[1:])  # the first run is the warm-up
 
 
 def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:

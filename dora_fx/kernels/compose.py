@@ -184,7 +184,7 @@ class ComposeConfig:
     block_t: int
     block_n: int
     num_warps: int
-    programs_per_sm: int = 4  # backward: row strips are sized so that about this many programs run per SM
+    programs_per_sm: int = 2  # backward: row strips are sized so that about this many programs run per SM
 
 
 def compose_config(n_rows: int, n_cols: int, device: torch.device) -> ComposeConfig:

@@ -52,9 +52,9 @@ def _report_failure(name: str, exc: Exception) -> None:
 def call(name: str, *args):
     """Run op ``name`` on ``args`` with its Triton kernel where it applies, else the reference."""
     if _on_cuda(args) and triton_available():
-        kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)
-        try:
+        try:  # a broken Triton install can already fail on import
+            kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)
             return kernel(*args)
-        except Exception as exc:  # compile or launch failure: fall back, once reported
+        except Exception as exc:  # import, compile or launch failure: fall back, once reported
             _report_failure(name, exc)
     return getattr(reference, name)(*args)

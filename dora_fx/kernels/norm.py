@@ -5,8 +5,9 @@
 
 Launch plan (``weight_norm``):
 
-1. ``_gram_kernel``: ``G = A Aᵀ`` in float32, split over ``d_in`` into partial sums that
-   ``torch.sum`` finishes (``r × r`` is tiny; only the upper triangle of tiles is computed).
+1. ``G = A Aᵀ`` in float32: cuBLAS with float32 output for 16-bit ``A`` on CUDA, else
+   ``_gram_kernel`` (split over ``d_in``; only the upper triangle of tiles is computed).
+   ``_gram_finish_kernel`` sums the splits and, for a bf16 ``B``, stores ``G`` as two bf16 halves.
 2. ``_norm_partial_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows, ``BLOCK_N``
    columns of ``U`` and a slice of ``d_in`` (split-K when ``d_out·r`` alone gives too few programs;
    the cross term ``<B_i, U_i>`` is linear in ``U``, so slices add up). Its K loop accumulates ``U``
@@ -346,12 +347,22 @@ def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
     return not native or (interpreting and a == torch.bfloat16)
 
 
-def _gram(
-    lora_A: torch.Tensor, upcast: bool, split_bf16: bool, n_sm: int, interpreting: bool, max_splits: int = 64
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``G = A Aᵀ`` via ``_gram_kernel`` (split over ``d_in`` into at most ``max_splits`` partial
-    sums, to fill the chip) and ``_gram_finish_kernel``: ``(G_hi, G_lo)`` in bf16 when
-    ``split_bf16``, else ``(G, None)`` in float32."""
+_MM_OUT_DTYPE_WORKS = True  # ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS, CUDA only)
+
+
+def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max_splits: int) -> torch.Tensor:
+    """``[splits, r, r]`` float32 partial sums of ``A Aᵀ``.
+
+    16-bit ``A`` on CUDA: one cuBLAS product with float32 output (exact products, fp32 sums), where
+    this PyTorch has ``torch.mm(..., out_dtype=)``. Otherwise ``_gram_kernel``, split over ``d_in``.
+    """
+    global _MM_OUT_DTYPE_WORKS
+    if _MM_OUT_DTYPE_WORKS and lora_A.is_cuda and not interpreting and lora_A.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(lora_A, lora_A.T, out_dtype=torch.float32).unsqueeze(0)
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            _MM_OUT_DTYPE_WORKS = False
+            log.info("torch.mm(out_dtype=float32) unavailable (%s); using _gram_kernel", exc)
     r, d_in = lora_A.shape
     block_g = 16 if r <= 16 else (32 if r <= 32 or interpreting else 64)
     block_k = 32 if interpreting else 64
@@ -361,8 +372,7 @@ def _gram(
     splits = max(1, min(triton.cdiv(2 * n_sm, upper_tiles), triton.cdiv(k_steps, 4), max_splits))
     k_per_split = triton.cdiv(k_steps, splits) * block_k
     splits = triton.cdiv(d_in, k_per_split)
-    device = lora_A.device
-    partial = torch.empty((splits, r, r), dtype=torch.float32, device=device)
+    partial = torch.empty((splits, r, r), dtype=torch.float32, device=lora_A.device)
     _gram_kernel[(tiles, tiles, splits)](
         lora_A,
         partial,
@@ -381,10 +391,23 @@ def _gram(
         num_warps=4,
         num_stages=1 if interpreting else 3,
     )
+    return partial
+
+
+def _gram(
+    lora_A: torch.Tensor, upcast: bool, split_bf16: bool, n_sm: int, interpreting: bool, max_splits: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``G = A Aᵀ``, finished by ``_gram_finish_kernel``: ``(G_hi, G_lo)`` in bf16 when ``split_bf16``,
+    else ``(G, None)`` in float32. At most ``max_splits`` partial sums are held at once."""
+    partial = _gram_partials(lora_A, upcast, n_sm, interpreting, max_splits)
+    splits, r, _ = partial.shape
+    device = lora_A.device
     if split_bf16:
         gram = torch.empty((r, r), dtype=torch.bfloat16, device=device)
         gram_lo = torch.empty_like(gram)
     else:
+        if splits == 1:
+            return partial[0], None
         gram, gram_lo = torch.empty((r, r), dtype=torch.float32, device=device), None
     block_s = min(32, triton.next_power_of_2(splits))
     block = max(32, 4096 // block_s)
