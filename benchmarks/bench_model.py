@@ -194,6 +194,9 @@ def print_targets(rows: list[dict], r: int = TARGET_RANK) -> None:
         row = _row(rows, r, mode, contender)
         return None if row is None else row.get(key)
 
+    if not any(row["r"] == r for row in rows):
+        print(f"targets are for r={r}: not measured")
+        return
     print(f"targets (dora_fx, r={r}):")
     for mode, (min_eager, min_inductor) in SPEEDUP_TARGETS.items():
         mine = get(mode, "dora_fx", "ms")
