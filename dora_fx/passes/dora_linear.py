@@ -35,18 +35,20 @@ from dora_fx.report import NearMiss, Rewrite, module_path
 
 log = logging.getLogger(__name__)
 
+_NORM_INPUT_NODES = {
+    "eye": gv.EYE, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "a_eye": gv.LINEAR, "dense": gv.LINEAR,
+    "dense_t": gv.TRANSPOSE, "scaled": gv.MUL, "summed": gv.ADD, "norm": gv.NORM,
+}
+_NORM_INPUT_EDGES = (
+    ("eye", "a_eye", 0), ("A", "a_eye", 1), ("a_eye", "dense", 0), ("B", "dense", 1),
+    ("dense", "dense_t", 0), ("dense_t", "scaled", None), ("W", "summed", None),
+    ("scaled", "summed", None), ("summed", "norm", 0),
+)
+# Only the norm and what feeds it: tells a near-miss in the norm's input from one in its use.
+NORM_INPUT_PATTERN = gv.Pattern(nodes=_NORM_INPUT_NODES, edges=_NORM_INPUT_EDGES)
 NORM_PATTERN = gv.Pattern(
-    nodes={
-        "eye": gv.EYE, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "m": gv.ANY,
-        "a_eye": gv.LINEAR, "dense": gv.LINEAR, "dense_t": gv.TRANSPOSE, "scaled": gv.MUL,
-        "summed": gv.ADD, "norm": gv.NORM, "g": gv.DIV, "g_row": gv.VIEW,
-    },
-    edges=(
-        ("eye", "a_eye", 0), ("A", "a_eye", 1), ("a_eye", "dense", 0), ("B", "dense", 1),
-        ("dense", "dense_t", 0), ("dense_t", "scaled", None), ("W", "summed", None),
-        ("scaled", "summed", None), ("summed", "norm", 0), ("m", "g", 0), ("norm", "g", 1),
-        ("g", "g_row", 0),
-    ),
+    nodes={**_NORM_INPUT_NODES, "m": gv.ANY, "g": gv.DIV, "g_row": gv.VIEW},
+    edges=_NORM_INPUT_EDGES + (("m", "g", 0), ("norm", "g", 1), ("g", "g_row", 0)),
 )
 
 _COMPOSE_NODES = {
@@ -140,6 +142,14 @@ def _is_row_l2_norm(node: fx.Node) -> bool:
     return order in (None, 2, 2.0, "fro") and dim in (1, -1, (1,), (-1,), [1], [-1]) and not keepdim and dtype is None
 
 
+def _require_row_l2_norm(node: fx.Node) -> None:
+    order, dim, keepdim, dtype = _norm_arguments(node)
+    _require(
+        _is_row_l2_norm(node),
+        f"the norm is not the row-wise L2 norm (dim=1): ord={order!r}, dim={dim!r}, keepdim={keepdim}, dtype={dtype}",
+    )
+
+
 def _canonical_weight(node: fx.Node) -> tuple[fx.Node, bool]:
     """``(stored weight, transposed?)`` for a weight operand ``W`` or ``W.T`` (through casts)."""
     node = gv.producer(node)
@@ -161,7 +171,7 @@ def _check_norm(nodes: dict[str, fx.Node]) -> dict:
     _require(_has_no_bias(nodes["a_eye"]) and _has_no_bias(nodes["dense"]), "a LoRA linear has a bias (lora_bias)")
     scaling = gv.scalar_operand(nodes["scaled"])
     _require(scaling is not None, "the scaling of the dense product is not a Python number")
-    _require(_is_row_l2_norm(nodes["norm"]), "the norm is not the row-wise L2 norm (dim=1)")
+    _require_row_l2_norm(nodes["norm"])
     weight, fan_in_fan_out = _canonical_weight(nodes["W"])
     w_shape = _shape(weight)
     expected = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
@@ -236,6 +246,10 @@ def match_region(anchor: fx.Node) -> Region:
     norm_area = gv.neighbourhood(anchor, up=6, down=2)
     candidates = list(gv.match(NORM_PATTERN, norm_area, {"norm": anchor}))
     if not candidates:
+        if next(gv.match(NORM_INPUT_PATTERN, norm_area, {"norm": anchor}), None) is not None:
+            _require_row_l2_norm(anchor)
+            users = ", ".join(sorted(u.name for u in gv.real_users(anchor))) or "nothing"
+            raise NoMatch(f"the norm of W + s * (B A) is used by {users}, not as (m / norm).view(1, -1)")
         has_eye = any(gv.kind_of(n) == gv.EYE for n in norm_area)
         raise NoMatch("the norm's input is not W + s * linear(linear(eye, A), B).T", report=has_eye)
     failures = []
