@@ -24,8 +24,30 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the dor
 MiB = 2**20
 GiB = 2**30
 
-CONTENDERS = ("eager", "inductor", "dora_fx")
-"""PEFT eager, PEFT + ``torch.compile(backend="inductor")``, PEFT + ``torch.compile(backend=dora_backend)``."""
+CONTENDERS = ("eager", "inductor", "dora_fx", "dora_fx_cached")
+FORWARD_ONLY = ("dora_fx_cached",)
+
+
+def contenders(model: torch.nn.Module) -> dict[str, Callable]:
+    """The contenders, sharing ``model``'s parameters.
+
+    ``eager``: PEFT as is. ``inductor``: ``torch.compile(backend="inductor")``. ``dora_fx``:
+    ``torch.compile(backend=dora_fx.dora_backend)`` with dora_fx's norm cache cleared before every
+    call, so the norm is computed each time, as in training, where every optimizer step changes A and
+    B. ``dora_fx_cached`` (forward only): the same compiled model as it runs in eval by default,
+    reusing the norm while W, A and B are unchanged (compare with ``peft.helpers.DoraCaching``).
+    """
+    import dora_fx
+    from dora_fx import norm_cache
+
+    compiled = torch.compile(model, backend=dora_fx.dora_backend)
+
+    def recompute_norm(*args, **kwargs):
+        norm_cache.clear()
+        return compiled(*args, **kwargs)
+
+    return {"eager": model, "inductor": torch.compile(model, backend="inductor"), "dora_fx": recompute_norm,
+            "dora_fx_cached": compiled}
 
 
 def synchronize(device: torch.device) -> None:

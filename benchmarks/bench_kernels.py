@@ -7,9 +7,11 @@ plain torch, the dora_fx kernel, and a plain ``W @ A.T`` GEMM as the reference p
 Compose: PEFT's eager ops, Inductor's fusion of those ops, and the dora_fx kernels; forward, and
 forward + backward (gradients for result, lora and magnitude, as in training).
 
-Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); GB/s counts each input
-read once and each output written once, against a device-to-device copy measured here; transient
-memory is the peak allocation during the call beyond its inputs and the outputs it returns.
+Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs), so they include the
+Python launch overhead whenever the CPU cannot keep ahead of the GPU; "graph ms" replays the same
+call from a CUDA graph (device time alone). GB/s counts each input read once and each output written
+once, against a device-to-device copy measured here; transient memory is the peak allocation
+during the call beyond its inputs and the outputs it returns.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def bench(fn) -> float:
 
 def bench_graph(fn) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph: device time without Python launch overhead
-    (no L2 flush between replays; used for the norm, whose inputs are larger than L2)."""
+    (no L2 flush between replays: meaningful where the inputs are several times the L2)."""
     try:
         return do_bench_cudagraph(fn, rep=50, return_mode="median")
     except Exception:  # not capturable, or an older Triton
@@ -165,8 +167,9 @@ def bench_compose(tokens, d, with_inductor=True, ops_available=True):
 
     def add(kind, impl, fn, n_tensors):
         ms = bench(fn)
+        graph_ms = bench_graph(fn) if tokens * d >= 2**24 else None  # inputs well beyond L2 only
         rows.append(
-            dict(op=f"compose_{kind}", impl=impl, d=d, tokens=tokens, elements=tokens * d, ms=ms,
+            dict(op=f"compose_{kind}", impl=impl, d=d, tokens=tokens, elements=tokens * d, ms=ms, graph_ms=graph_ms,
                  gbps=n_tensors * tensor_bytes / ms / 1e6, transient_mib=transient_bytes(fn) / 2**20)
         )
 
@@ -175,6 +178,9 @@ def bench_compose(tokens, d, with_inductor=True, ops_available=True):
         "dora_fx": lambda: compose_k.compose(result, None, None, lora, magnitude, norm, SCALING),
     }
     if with_inductor:
+        # One function compiled for many shapes and grad modes would hit Dynamo's recompile limit (8)
+        # and silently run eagerly: start from fresh caches for every shape.
+        torch._dynamo.reset()
         compiled = torch.compile(peft_compose, dynamic=False)
         fwd["inductor"] = lambda: compiled(result, lora, magnitude, norm, SCALING)
     for impl, fn in fwd.items():
@@ -241,10 +247,13 @@ def _table(rows, copy_gbps):
             )
     comp = [r for r in rows if r["op"].startswith("compose_") and "impl" in r]
     if comp:
-        lines.append(f"{'compose':>8} {'d':>6} {'tokens':>6} {'impl':>12} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'MiB':>7}")
+        lines.append(
+            f"{'compose':>8} {'d':>6} {'tokens':>6} {'impl':>12} {'ms':>8} {'graph ms':>8} {'GB/s':>7} {'%copy':>6} {'MiB':>7}"
+        )
         for r in comp:
+            graph = f"{r['graph_ms']:>8.4f}" if r.get("graph_ms") is not None else f"{'-':>8}"
             lines.append(
-                f"{r['op'][8:]:>8} {r['d']:>6} {r['tokens']:>6} {r['impl']:>12} {r['ms']:>8.4f} {r['gbps']:>7.0f} "
+                f"{r['op'][8:]:>8} {r['d']:>6} {r['tokens']:>6} {r['impl']:>12} {r['ms']:>8.4f} {graph} {r['gbps']:>7.0f} "
                 f"{100 * r['gbps'] / copy_gbps:>6.1f} {r['transient_mib']:>7.1f}"
             )
     for r in rows:

@@ -61,14 +61,6 @@ def build_layer(d: int, r: int, device: torch.device, dtype: torch.dtype, seed: 
     return model.to(dtype)
 
 
-def contenders(model: nn.Module) -> dict:
-    return {
-        "eager": model,
-        "inductor": torch.compile(model, backend="inductor"),
-        "dora_fx": torch.compile(model, backend=dora_fx.dora_backend),
-    }
-
-
 def trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -95,6 +87,8 @@ def train_cell(model, fns, x, dy, device, rep_ms) -> dict:
     params = trainable(model)
     results, observed = {}, {}
     for name, fn in fns.items():
+        if name in C.FORWARD_ONLY:
+            continue
 
         def step(fn=fn):
             fn(x).backward(dy)
@@ -120,7 +114,7 @@ def run_cell(d: int, r: int, tokens: int, device: torch.device, dtype: torch.dty
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(1, tokens, d, generator=gen).to(device, dtype)
     dy = torch.randn(1, tokens, d, generator=gen).to(device, dtype)
-    fns = contenders(model)
+    fns = C.contenders(model)
     dora_fx.reset_report()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,9 +128,12 @@ def run_cell(d: int, r: int, tokens: int, device: torch.device, dtype: torch.dty
              "dora_fx_warnings": messages} for mode, res in by_mode.items()]
 
 
-def speedups(cell: dict) -> tuple[float, float]:
-    ms = {name: res["ms"] for name, res in cell["contenders"].items()}
-    return ms["eager"] / ms["dora_fx"], ms["inductor"] / ms["dora_fx"]
+def speedups(cell: dict, contender: str = "dora_fx") -> tuple[float | None, float | None]:
+    """``contender``'s speedups over PEFT eager and PEFT + Inductor (None where it was not run)."""
+    res = cell["contenders"]
+    if contender not in res:
+        return None, None
+    return res["eager"]["ms"] / res[contender]["ms"], res["inductor"]["ms"] / res[contender]["ms"]
 
 
 def memory_ratio(cell: dict) -> float | None:
@@ -148,17 +145,16 @@ def memory_ratio(cell: dict) -> float | None:
 
 def print_table(cells: list[dict]) -> None:
     header = ["d", "r", "tokens", "mode", *(f"{n} ms" for n in C.CONTENDERS), "x eager", "x inductor",
-              *(f"{n} MiB" for n in C.CONTENDERS), "err inductor", "err dora_fx", "fp32err eager", "fp32err dora_fx",
-              "rewrites"]
+              "cached x eager", "cached x inductor", *(f"{n} MiB" for n in C.CONTENDERS[:3]), "err inductor",
+              "err dora_fx", "fp32err eager", "fp32err dora_fx", "rewrites"]
     rows = []
     for cell in cells:
         res = cell["contenders"]
-        vs_eager, vs_inductor = speedups(cell)
         rows.append([
             cell["d"], cell["r"], cell["tokens"], cell["mode"],
-            *(C.fmt(res[n]["ms"], ".3f") for n in C.CONTENDERS),
-            C.fmt(vs_eager, ".2f"), C.fmt(vs_inductor, ".2f"),
-            *(C.fmt(C.mib(res[n]["transient_bytes"]), ".1f") for n in C.CONTENDERS),
+            *(C.fmt(res[n]["ms"], ".3f") if n in res else None for n in C.CONTENDERS),
+            *(C.fmt(v, ".2f") for v in speedups(cell) + speedups(cell, "dora_fx_cached")),
+            *(C.fmt(C.mib(res[n]["transient_bytes"]), ".1f") for n in C.CONTENDERS[:3]),
             C.fmt(res["inductor"]["err_vs_eager"], ".1e"), C.fmt(res["dora_fx"]["err_vs_eager"], ".1e"),
             C.fmt(res["eager"].get("err_vs_fp32"), ".1e"), C.fmt(res["dora_fx"].get("err_vs_fp32"), ".1e"),
             cell["dora_fx_rewrites"],
@@ -181,6 +177,10 @@ def print_targets(cells: list[dict]) -> None:
         where = f"{mode} d={d} r={r} tokens={tokens}"
         print(C.target_line(f"{where} vs eager", vs_eager, min_eager))
         print(C.target_line(f"{where} vs inductor", vs_inductor, min_inductor))
+        if mode == "fwd":
+            vs_eager, vs_inductor = speedups(cell, "dora_fx_cached") if cell else (None, None)
+            print(C.target_line(f"{where}, norm cached, vs eager", vs_eager, min_eager) + " (info)")
+            print(C.target_line(f"{where}, norm cached, vs inductor", vs_inductor, min_inductor) + " (info)")
     for (mode, d, r, tokens), cell in index.items():
         if mode == "fwd" and (d, r) == (8192, 384):
             label = f"fwd transient memory / inductor's, d={d} r={r} tokens={tokens}"

@@ -88,16 +88,10 @@ def run_contender(name: str, fn, model: nn.Module, batch: dict, reference: torch
                   eager_grads: list[torch.Tensor] | None, device: torch.device, rep_ms: float) -> tuple[dict, list]:
     """Forward and forward + backward of one contender; returns its results and PEFT eager's
     loss and gradients (on the CPU), taken from this contender's first step when ``eager_grads`` is None."""
-    first_call = C.timed_call if name == "eager" else compiled_first_call
-    params = [p for p in model.parameters() if p.requires_grad]
+    first_call = compiled_first_call if name in ("inductor", "dora_fx") else C.timed_call
 
     def forward():
         return fn(input_ids=batch["input_ids"]).logits
-
-    def train_step():
-        loss = fn(**batch).loss
-        loss.backward()
-        return loss.detach()
 
     model.eval()
     with torch.no_grad():
@@ -107,6 +101,24 @@ def run_contender(name: str, fn, model: nn.Module, batch: dict, reference: torch
                "logit_err_vs_fp32": C.relative_error(logits, reference)}
         del logits
         fwd["peak_bytes"], fwd["transient_bytes"] = C.memory(forward, device)
+
+    results = {"fwd": fwd}
+    if name not in C.FORWARD_ONLY:
+        results["fwd+bwd"], eager_grads = train_contender(fn, model, batch, eager_grads, first_call, device, rep_ms)
+    if name not in ("eager", *C.FORWARD_ONLY):
+        for res in results.values():
+            res["compile_s"] = res["first_call_s"] - res["ms"] / 1e3
+    return results, eager_grads
+
+
+def train_contender(fn, model: nn.Module, batch: dict, eager_grads: list[torch.Tensor] | None, first_call,
+                    device: torch.device, rep_ms: float) -> tuple[dict, list]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step():
+        loss = fn(**batch).loss
+        loss.backward()
+        return loss.detach()
 
     model.train()
     loss, first_s = first_call(train_step, device)
@@ -119,15 +131,10 @@ def run_contender(name: str, fn, model: nn.Module, batch: dict, reference: torch
     train["ms"] = C.median_ms(train_step, device, rep_ms, grad_to_none=params)
     for p in params:
         p.grad = None
-    train["peak_bytes"], train["transient_bytes"] = C.memory(lambda: train_step() and None, device)
+    train["peak_bytes"], train["transient_bytes"] = C.memory(train_step, device)
     for p in params:
         p.grad = None
-
-    results = {"fwd": fwd, "fwd+bwd": train}
-    if name != "eager":
-        for res in results.values():
-            res["compile_s"] = res["first_call_s"] - res["ms"] / 1e3
-    return results, eager_grads
+    return train, eager_grads
 
 
 def run_rank(args: argparse.Namespace, r: int, device: torch.device) -> list[dict]:
@@ -142,8 +149,7 @@ def run_rank(args: argparse.Namespace, r: int, device: torch.device) -> list[dic
         reference = copy.deepcopy(model).float().eval()(input_ids=batch["input_ids"]).logits
     C.free(device)
 
-    fns = {"eager": model, "inductor": torch.compile(model, backend="inductor"),
-           "dora_fx": torch.compile(model, backend=dora_fx.dora_backend)}
+    fns = C.contenders(model)
     rows, eager_grads = [], None
     for name, fn in fns.items():
         print(f"  {name}", flush=True)
@@ -151,10 +157,9 @@ def run_rank(args: argparse.Namespace, r: int, device: torch.device) -> list[dic
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results, eager_grads = run_contender(name, fn, model, batch, reference, eager_grads, device, args.rep_ms)
-        extra = {}
+        extra = {"warnings": sorted({str(w.message) for w in caught if "dora_fx" in str(w.message)})}
         if name == "dora_fx":
-            extra = {"rewrites": len(dora_fx.last_report().rewrites),
-                     "warnings": sorted({str(w.message) for w in caught if "dora_fx" in str(w.message)})}
+            extra["rewrites"] = len(dora_fx.last_report().rewrites)
         rows += [{"r": r, "mode": mode, "contender": name, **res, **extra} for mode, res in results.items()]
     del model, fns, batch, reference, eager_grads
     C.free(device)
@@ -202,6 +207,11 @@ def print_targets(rows: list[dict], r: int = TARGET_RANK) -> None:
         mine = get(mode, "dora_fx", "ms")
         print(C.target_line(f"{mode} vs eager", _ratio(get(mode, "eager", "ms"), mine), min_eager))
         print(C.target_line(f"{mode} vs inductor", _ratio(get(mode, "inductor", "ms"), mine), min_inductor))
+    cached = get("fwd", "dora_fx_cached", "ms")
+    min_eager, min_inductor = SPEEDUP_TARGETS["fwd"]
+    print(C.target_line("fwd, norm cached, vs eager", _ratio(get("fwd", "eager", "ms"), cached), min_eager) + " (info)")
+    print(C.target_line("fwd, norm cached, vs inductor", _ratio(get("fwd", "inductor", "ms"), cached), min_inductor)
+          + " (info)")
     for key in ("peak_bytes", "transient_bytes"):
         ratio = _ratio(get("fwd+bwd", "dora_fx", key), get("fwd+bwd", "inductor", key))
         label = f"fwd+bwd {key.removesuffix('_bytes')} memory / inductor's"

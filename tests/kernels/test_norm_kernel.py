@@ -138,15 +138,27 @@ def test_cuda_run_to_run_identical(r):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_op_in_torch_compile_launches_the_kernel():
+def test_cuda_op_in_torch_compile_launches_the_kernel(monkeypatch):
     import dora_fx.ops  # noqa: F401  registers torch.ops.dora_fx
+    from dora_fx.kernels import dispatch
 
+    calls = []
+    launcher = norm.weight_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].device)
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(norm, "weight_norm", counting)  # dispatch looks the launcher up per call
     weight, lora_A, lora_B = _make(1024, 2048, 64, torch.bfloat16, False, device="cuda")
     fn = torch.compile(lambda w, a, b: torch.ops.dora_fx.weight_norm(w, a, b, 2.0, False) * 1.5, backend="inductor")
     fn(weight, lora_A, lora_B)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = fn(weight, lora_A, lora_B)
+    assert calls and calls[0].type == "cuda", "the compiled graph did not reach the Triton launcher"
+    assert not any(name == "weight_norm" for name, _ in dispatch._reported_failures), "fell back to the reference"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
+        for _ in range(2):
+            got = fn(weight, lora_A, lora_B)
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
-    assert any("_norm_partial_kernel" in name for name in names), sorted(names)
+    assert any("_norm_partial_kernel" in name for name in names), sorted(n for n in names if not n.startswith("cu"))
     torch.testing.assert_close(got, 1.5 * reference.weight_norm(weight, lora_A, lora_B, 2.0, False), rtol=1e-4, atol=0)
