@@ -18,6 +18,11 @@ Launch plan (``weight_norm``):
 3. ``_norm_finalize_kernel``: sums the partials of each row, clamps at zero, takes the square root
    (skipped when a single program per row block already finished the job).
 
+Triton 3.6 on an H200 gave run-to-run differences (a race) in two versions of the main kernel: one
+that split ``G`` into bf16 halves in registers inside the epilogue loop, and one with 128×256 tiles.
+The halves therefore come from memory (``_gram_finish_kernel``), and the tiles stay 128×128. The
+CUDA test ``test_cuda_run_to_run_identical`` guards this.
+
 Transient memory: the partial Gram sums, ``G`` and the ``[partials, d_out]`` squared norms, all
 float32; ``U`` never leaves registers. The Gram split is capped so that the total stays under
 ``2·d_out·r·4`` bytes whenever ``r`` is well below ``d_out``.
