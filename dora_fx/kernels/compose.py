@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import torch
 import triton
@@ -26,10 +25,6 @@ import triton.language as tl
 from dora_fx.kernels import reference
 
 log = logging.getLogger(__name__)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
