@@ -22,6 +22,15 @@ def module_path(node: fx.Node) -> str:
     return ".".join(p for p in parts if p and p not in _NOT_PATH) or "<top>"
 
 
+def module_class(node: fx.Node) -> str:
+    """Class name of the innermost module that ``node`` was traced in ("" when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
     module: str

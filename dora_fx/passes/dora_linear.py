@@ -31,7 +31,7 @@ from torch.fx.node import map_arg
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx.kernels import reference
 from dora_fx.passes import graph_view as gv
-from dora_fx.report import NearMiss, Rewrite, module_path
+from dora_fx.report import NearMiss, Rewrite, module_class, module_path
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Region:
     nodes: dict[str, fx.Node]
     weight: fx.Node
     fan_in_fan_out: bool
-    scaling: float
+    scaling: float | fx.Node  # a node when Dynamo made PEFT's scaling a symbolic graph input
     base: fx.Node | None
     bias: fx.Node | None
     variant: str
@@ -169,8 +169,8 @@ def _check_norm(nodes: dict[str, fx.Node]) -> dict:
     eye_m = eye.args[1] if len(eye.args) > 1 else eye.kwargs.get("m")
     _require(eye_n == d_in and eye_m in (None, d_in), f"eye({eye_n}) is not the identity of lora_A's {d_in} inputs")
     _require(_has_no_bias(nodes["a_eye"]) and _has_no_bias(nodes["dense"]), "a LoRA linear has a bias (lora_bias)")
-    scaling = gv.scalar_operand(nodes["scaled"])
-    _require(scaling is not None, "the scaling of the dense product is not a Python number")
+    scaling = gv.scale_factor(nodes["scaled"], nodes["dense_t"])
+    _require(scaling is not None, "the scaling of the dense product is not a number")
     _require_row_l2_norm(nodes["norm"])
     weight, fan_in_fan_out = _canonical_weight(nodes["W"])
     w_shape = _shape(weight)
@@ -211,9 +211,9 @@ def _check_compose(nodes: dict[str, fx.Node], norm_info: dict) -> tuple[fx.Node 
     _require(_has_no_bias(nodes["a_x"]) and _has_no_bias(nodes["lora"]), "a LoRA linear has a bias (lora_bias)")
     g_m1 = nodes["g_m1"]
     _require(gv.scalar_operand(g_m1) == 1.0 and g_m1.args[1] == 1, "the base factor is not g - 1")
-    out_scaling = gv.scalar_operand(nodes["t_lora_s"])
+    out_scaling = gv.scale_factor(nodes["t_lora_s"], nodes["t_lora"])
     _require(
-        out_scaling == norm_info["scaling"],
+        out_scaling is not None and out_scaling == norm_info["scaling"],
         f"the output's scaling {out_scaling} differs from the norm's scaling {norm_info['scaling']}",
     )
     result_shape = _shape(nodes["result"])
@@ -329,7 +329,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
         d_out=region.d_out,
         d_in=region.d_in,
         r=region.r,
-        scaling=region.scaling,
+        scaling=gv.number_hint(region.scaling),
         dtype=str(gv.value(nodes["result"]).dtype).removeprefix("torch."),
         variant=region.variant,
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
@@ -367,6 +367,9 @@ def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:
             region = match_region(anchor)
             _require(_compose_dtype_matches(region), "the output dtype differs from dora_fx.compose's promotion")
         except NoMatch as exc:
+            layer = module_class(anchor)
+            if not exc.report and layer.startswith("Dora") and layer != "DoraLinearLayer":
+                exc = NoMatch(f"PEFT's {layer} is not rewritten (only DoRA Linear layers are): {exc.reason}")
             if exc.report:
                 near_misses.append(NearMiss(where, exc.reason))
                 explained_eyes |= {n for n in gv.neighbourhood(anchor, up=6, down=0) if gv.kind_of(n) == gv.EYE}

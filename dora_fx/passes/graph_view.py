@@ -217,6 +217,31 @@ def scalar_operand(node: fx.Node) -> float | None:
     return float(scalars[0]) if len(scalars) == 1 and len(node.args) == 2 else None
 
 
+def scale_factor(node: fx.Node, tensor: fx.Node) -> float | fx.Node | None:
+    """The factor that binary ``node`` multiplies ``tensor`` by: a Python number, or a node holding a
+    symbolic number (with ``dynamic=True`` Dynamo turns float attributes such as PEFT's scaling into
+    graph inputs). None when the other operand is a tensor or there is no single other operand."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    others = [a for a in node.args if not (isinstance(a, fx.Node) and producer(a) is tensor)]
+    if len(others) != 1 or isinstance(others[0], bool):
+        return None
+    other = others[0]
+    if isinstance(other, (int, float)):
+        return float(other)
+    if isinstance(other, fx.Node) and isinstance(value(other), (torch.SymFloat, torch.SymInt, float, int)):
+        return other
+    return None
+
+
+def number_hint(x: float | fx.Node) -> float:
+    """A plain number for ``x``: the number itself, or the example value behind a symbolic one."""
+    if not isinstance(x, fx.Node):
+        return x
+    val = value(x)
+    return float(val.node.hint if isinstance(val, (torch.SymFloat, torch.SymInt)) else val)
+
+
 def value(node: fx.Node):
     """The example value Dynamo recorded for ``node`` (a fake tensor), or None."""
     return node.meta.get("val", node.meta.get("example_value"))
