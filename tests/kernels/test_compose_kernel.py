@@ -15,11 +15,14 @@ import torch
 from dora_fx.kernels import compose, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The small-shape tests run under Triton's interpreter on the CPU, and on the GPU where there is one.
+SMALL_SHAPE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 _REL_TO_FLOAT64 = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-def _make(shape, dtype, has_base, has_bias, device="cpu", seed=0, magnitude_dtype=None):
+def _make(shape, dtype, has_base, has_bias, device=None, seed=0, magnitude_dtype=None):
+    device = device or SMALL_SHAPE_DEVICE
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*size, dt=dtype):

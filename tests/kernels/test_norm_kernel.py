@@ -12,6 +12,8 @@ import torch
 from dora_fx.kernels import norm, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The small-shape tests run under Triton's interpreter on the CPU, and on the GPU where there is one.
+SMALL_SHAPE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Relative error allowed on the squared norm, measured against ||W_i||² + s²||(BA)_i||² (the size of
 # the terms that cancel). float32: tf32x3 products on the GPU; 16-bit: exact products, fp32 sums,
@@ -19,7 +21,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 _TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
 
-def _make(d_out, d_in, r, dtype, fan_in_fan_out, device="cpu", seed=0):
+def _make(d_out, d_in, r, dtype, fan_in_fan_out, device=None, seed=0):
+    device = device or SMALL_SHAPE_DEVICE
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
     weight = torch.randn(shape, generator=gen, device=device).to(dtype)
@@ -140,6 +143,7 @@ def test_cuda_run_to_run_identical(r):
 @cuda
 def test_cuda_op_in_torch_compile_launches_the_kernel(monkeypatch):
     import dora_fx.ops  # noqa: F401  registers torch.ops.dora_fx
+    from dora_fx import norm_cache
     from dora_fx.kernels import dispatch
 
     calls = []
@@ -157,6 +161,7 @@ def test_cuda_op_in_torch_compile_launches_the_kernel(monkeypatch):
     assert not any(name == "weight_norm" for name, _ in dispatch._reported_failures), "fell back to the reference"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(2):
+            norm_cache.clear()  # unchanged weights would reuse the first call's norm
             got = fn(weight, lora_A, lora_B)
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
