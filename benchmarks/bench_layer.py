@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
+import pathlib
 import warnings
 
+import _common as C  # first: it puts this checkout on sys.path, ahead of any installed dora_fx
 import torch
 from torch import nn
 
-import _common as C
-
-import dora_fx  # noqa: E402  (after _common put the checkout on sys.path)
+import dora_fx
 from dora_fx.models import dora_config, randomize_adapters
 
-MODES = ("fwd", "fwd+bwd")
 TARGETS = {  # (mode, d, r, tokens): (min speedup vs eager, min speedup vs inductor)
     ("fwd", 8192, 384, 4096): (1.8, 1.15),
     ("fwd", 8192, 384, 512): (3.5, 2.0),
@@ -71,9 +72,10 @@ def forward_cell(model, fns, x, device, rep_ms) -> dict:
         reference = copy.deepcopy(model).float()(x.float())
         results, outputs = {}, {}
         for name, fn in fns.items():
-            outputs[name], first_s = C.timed_call(lambda: fn(x), device)
-            ms = C.median_ms(lambda: fn(x), device, rep_ms)
-            peak, transient = C.memory(lambda: fn(x), device)
+            call = functools.partial(fn, x)
+            outputs[name], first_s = C.timed_call(call, device)
+            ms = C.median_ms(call, device, rep_ms)
+            peak, transient = C.memory(call, device)
             results[name] = {"ms": ms, "first_call_s": first_s, "peak_bytes": peak, "transient_bytes": transient,
                              "err_vs_fp32": C.relative_error(outputs[name], reference)}
     for name, res in results.items():
@@ -95,7 +97,7 @@ def train_cell(model, fns, x, dy, device, rep_ms) -> dict:
 
         for t in [x, *params]:
             t.grad = None
-        out, first_s = C.timed_call(lambda: fn(x), device)
+        out, first_s = C.timed_call(functools.partial(fn, x), device)
         out.backward(dy)
         observed[name] = [out.detach(), x.grad, *(p.grad for p in params)]
         ms = C.median_ms(step, device, rep_ms, grad_to_none=[x, *params])
@@ -191,25 +193,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny smoke sizes)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--d", type=int, nargs="+", help="d_in = d_out values (default 4096 8192; cpu: 64)")
-    parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default 16 384; cpu: 8)")
+    parser.add_argument("--d", type=int, nargs="+", help="d_in = d_out, in this order (default 8192 4096; cpu: 64)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks, in this order (default 384 16; cpu: 8)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 512 4096; cpu: 32)")
     parser.add_argument("--quick", action="store_true", help="only the target cells: d=8192, r=384")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="time spent repeating each measurement")
     parser.add_argument("--out", default="benchmarks/results/layer.json")
+    parser.add_argument("--print-only", action="store_true", help="print the tables of the JSON at --out; run nothing")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
-    args.d = args.d or ([64] if cpu else [8192] if args.quick else [4096, 8192])
-    args.ranks = args.ranks or ([8] if cpu else [384] if args.quick else [16, 384])
+    args.d = args.d or ([64] if cpu else [8192] if args.quick else [8192, 4096])
+    args.ranks = args.ranks or ([8] if cpu else [384] if args.quick else [384, 16])
     args.tokens = args.tokens or ([32] if cpu else [512, 4096])
     return args
 
 
+def print_report(payload: dict) -> None:
+    config = payload["config"]
+    print(f"\nPEFT DoRA Linear, {config['dtype']}, {payload['env'].get('gpu', config['device'])}, "
+          f"{payload['env']['date']}; ms = median, MiB = transient, err = relative error vs PEFT eager")
+    print_table(payload["cells"])
+    print_targets(payload["cells"])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.print_only:
+        print_report(json.loads(pathlib.Path(args.out).read_text()))
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     payload = {"env": C.environment(device), "config": {**vars(args), "bias": False, "dropout": 0.0,
                                                          "lora_alpha": "2r", "input_shape": "[1, tokens, d]"},
+               "targets": [{"mode": m, "d": d, "r": r, "tokens": t, "vs_eager": e, "vs_inductor": i}
+                           for (m, d, r, t), (e, i) in TARGETS.items()],
                "cells": []}
     for d in args.d:
         for r in args.ranks:
@@ -217,11 +233,8 @@ def main(argv=None) -> None:
                 print(f"cell d={d} r={r} tokens={tokens}", flush=True)
                 payload["cells"] += run_cell(d, r, tokens, device, dtype, args.rep_ms)
                 C.write_json(args.out, payload)
-    print(f"\nPEFT DoRA Linear, {args.dtype}, {payload['env'].get('gpu', args.device)}; "
-          f"ms = median, MiB = transient, err = relative error vs PEFT eager")
-    print_table(payload["cells"])
-    print_targets(payload["cells"])
     print(f"wrote {args.out}")
+    print_report(payload)
 
 
 if __name__ == "__main__":

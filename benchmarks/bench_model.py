@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import pathlib
 import warnings
 
+import _common as C  # first: it puts this checkout on sys.path, ahead of any installed dora_fx
 import torch
 from torch import nn
 
-import _common as C
-
-import dora_fx  # noqa: E402  (after _common put the checkout on sys.path)
+import dora_fx
 from dora_fx.models import LLAMA_TARGETS, dora_config, randomize_adapters
 
 SPEEDUP_TARGETS = {"fwd": (1.9, 1.3), "fwd+bwd": (1.8, 1.3)}  # at r = 384: vs eager, vs inductor
@@ -185,7 +186,8 @@ def print_table(rows: list[dict]) -> None:
             C.fmt(_ratio(eager["ms"], row["ms"]), ".2f"), C.fmt(_ratio(inductor and inductor["ms"], row["ms"]), ".2f"),
             C.fmt(_ratio(row["peak_bytes"], C.GiB), ".2f"), C.fmt(_ratio(row["transient_bytes"], C.GiB), ".2f"),
             C.fmt(row.get("compile_s"), ".1f"), C.fmt(row.get("logit_cosine_vs_fp32"), ".6f"),
-            C.fmt(row.get("logit_err_vs_fp32"), ".1e"), C.fmt(row.get("loss"), ".4f"), C.fmt(row.get("err_vs_eager"), ".1e"),
+            C.fmt(row.get("logit_err_vs_fp32"), ".1e"), C.fmt(row.get("loss"), ".4f"),
+            C.fmt(row.get("err_vs_eager"), ".1e"),
             row.get("rewrites"),
         ])
     print(C.table(header, lines))
@@ -215,7 +217,8 @@ def print_targets(rows: list[dict], r: int = TARGET_RANK) -> None:
     for key in ("peak_bytes", "transient_bytes"):
         ratio = _ratio(get("fwd+bwd", "dora_fx", key), get("fwd+bwd", "inductor", key))
         label = f"fwd+bwd {key.removesuffix('_bytes')} memory / inductor's"
-        print(C.target_line(label, ratio, PEAK_MEMORY_TARGET, at_least=False) + ("" if key == "peak_bytes" else " (info)"))
+        info = "" if key == "peak_bytes" else " (info)"
+        print(C.target_line(label, ratio, PEAK_MEMORY_TARGET, at_least=False) + info)
     cosine, theirs = get("fwd", "dora_fx", "logit_cosine_vs_fp32"), get("fwd", "inductor", "logit_cosine_vs_fp32")
     print(C.target_line("logit cosine vs fp32", cosine, COSINE_FLOOR, unit=""))
     print(C.target_line("logit cosine minus inductor's", None if cosine is None or theirs is None else cosine - theirs,
@@ -241,6 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--b-std", type=float, default=0.02, help="std of the random LoRA B")
     parser.add_argument("--rep-ms", type=float, help="time spent repeating each measurement (default 500; cpu: 200)")
     parser.add_argument("--out", default="benchmarks/results/model.json")
+    parser.add_argument("--print-only", action="store_true", help="print the tables of the JSON at --out; run nothing")
     args = parser.parse_args(argv)
     defaults = dict(ranks=[384, 16], layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=1024,
                     seq=4096, rep_ms=500.0)
@@ -253,23 +257,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def print_report(payload: dict) -> None:
+    c = payload["config"]
+    print(f"\nLlama-shaped stack: {c['layers']} layers, hidden {c['hidden']}, intermediate {c['intermediate']}, "
+          f"vocab {c['vocab']}, {c['batch']} x {c['seq']} tokens, {c['dtype']}, "
+          f"{payload['env'].get('gpu', c['device'])}, {payload['env']['date']}")
+    print("ms = median step; compile s = first call - median step; logit cos/err vs eager fp32 on upcast weights; "
+          "grad err = loss and LoRA gradients vs eager")
+    print_table(payload["rows"])
+    print_targets(payload["rows"])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.print_only:
+        print_report(json.loads(pathlib.Path(args.out).read_text()))
+        return
     device = torch.device(args.device)
-    payload = {"env": C.environment(device), "config": {**vars(args), "targets": LLAMA_TARGETS, "dropout": 0.0,
-                                                         "lora_alpha": "2r"}, "rows": []}
+    payload = {"env": C.environment(device),
+               "config": {**vars(args), "dora_targets": LLAMA_TARGETS, "dropout": 0.0, "lora_alpha": "2r"},
+               "targets": {"r": TARGET_RANK, **{mode: {"vs_eager": e, "vs_inductor": i}
+                                                for mode, (e, i) in SPEEDUP_TARGETS.items()}},
+               "rows": []}
     warm_up_compiler(device)
     for r in args.ranks:
         print(f"rank {r}", flush=True)
         payload["rows"] += run_rank(args, r, device)
         C.write_json(args.out, payload)
-    print(f"\nLlama-shaped stack: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}, {args.batch} x {args.seq} tokens, {args.dtype}, {payload['env'].get('gpu', args.device)}")
-    print("ms = median step; compile s = first call - median step; logit cos/err vs eager fp32 on upcast weights; "
-          "grad err = loss and LoRA gradients vs eager")
-    print_table(payload["rows"])
-    print_targets(payload["rows"])
     print(f"wrote {args.out}")
+    print_report(payload)
 
 
 if __name__ == "__main__":
