@@ -4,9 +4,11 @@
     python benchmarks/bench_layer.py --device cpu          # smoke run: d=64, r=8, 32 tokens
 
 Each cell builds a bias-free ``nn.Linear(d, d)`` wrapped in a tiny module, made a PEFT DoRA layer
-(``use_dora=True``, ``lora_alpha = 2r``, dropout 0) with non-zero LoRA ``B``, cast to bf16. The three
-contenders share that module: PEFT eager, ``torch.compile(backend="inductor")`` and
-``torch.compile(backend=dora_fx.dora_backend)``. Inputs are ``[1, tokens, d]`` random normals.
+(``use_dora=True``, ``lora_alpha = 2r``, dropout 0) with non-zero LoRA ``B``, cast to bf16. The contenders
+share that module (``_common.contenders``): PEFT eager, ``torch.compile(backend="inductor")``,
+``torch.compile(backend=dora_fx.dora_backend)`` with the norm recomputed every call, and the same
+compiled model reusing its cached norm in eval (forward only). Inputs are ``[1, tokens, d]`` random
+normals.
 
 - forward: ``model.eval()`` under ``torch.no_grad()``; forward + backward: ``model.train()``, the
   input requires grad, ``out.backward(dy)`` with a fixed random ``dy``.

@@ -1,14 +1,16 @@
 """A Llama-3-8B-shaped decoder stack with DoRA on all seven projections: PEFT eager vs PEFT + Inductor
 vs dora_fx, forward and forward + backward.
 
-    python benchmarks/bench_model.py [--layers 4] [--ranks 16 384] [--out benchmarks/results/model.json]
+    python benchmarks/bench_model.py [--layers 4] [--ranks 384 16] [--out benchmarks/results/model.json]
     python benchmarks/bench_model.py --device cpu          # smoke run: hidden 64, 2 layers, 64 tokens
 
 Model: ``LlamaForCausalLM`` from a ``LlamaConfig`` with random weights (hidden 4096, intermediate
 14336, 32 heads, 8 KV heads, 4 layers, vocabulary 1024 by default: the real 128256-entry head and
 embedding would only add the same time and memory to every contender), PEFT DoRA (``lora_alpha = 2r``,
 dropout 0) on q, k, v, o, gate, up and down, LoRA ``B`` drawn with std ``--b-std``; built in float32,
-then cast to bf16. Input: batch 1 x 4096 random token ids (``--batch``, ``--seq``).
+then cast to bf16. Input: batch 1 x 4096 random token ids (``--batch``, ``--seq``). Contenders: see
+``_common.contenders`` (PEFT eager, PEFT + Inductor, dora_fx with the norm recomputed every call, and
+dora_fx reusing its cached norm in eval, forward only).
 
 - forward: ``model.eval()`` under ``torch.no_grad()``, logits of every position.
 - forward + backward: ``model.train()``, the causal-LM loss on random labels, ``loss.backward()``.
@@ -69,19 +71,19 @@ def build_model(args: argparse.Namespace, r: int, device: torch.device, seed: in
 def warm_up_compiler(device: torch.device) -> None:
     """Compile and run a small function with Inductor once, forward and backward, so that the
     process's one-time costs (imports, compile workers) are not charged to the first contender."""
-    from torch._inductor.utils import fresh_inductor_cache
+    from torch._inductor.utils import fresh_cache
 
     x = torch.randn(64, 64, device=device, requires_grad=True)
-    with fresh_inductor_cache():
+    with fresh_cache():
         torch.compile(lambda t: torch.nn.functional.silu(t @ t).sum(), backend="inductor")(x).backward()
     torch._dynamo.reset()
 
 
 def compiled_first_call(fn, device: torch.device) -> tuple[object, float]:
     """The first call of a compiled contender, in a fresh Inductor/Triton cache: ``(output, seconds)``."""
-    from torch._inductor.utils import fresh_inductor_cache
+    from torch._inductor.utils import fresh_cache
 
-    with fresh_inductor_cache():
+    with fresh_cache():
         return C.timed_call(fn, device)
 
 

@@ -24,9 +24,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run COMMAND with a time limit, log to 
   echo "$name: rc=$? in $((SECONDS - start)) s" >>"$OUT/e2e_status.txt"
 }
 
-step layer "${LAYER_LIMIT:-150}" python3 benchmarks/bench_layer.py --out "$OUT/layer.json"
-step model "${MODEL_LIMIT:-260}" python3 benchmarks/bench_model.py --ranks 384 16 --layers 4 --out "$OUT/model.json"
-step parity "${PARITY_LIMIT:-60}" python3 examples/train_parity.py --device cuda --compare-inductor --out "$OUT/parity.json"
+step layer "${LAYER_LIMIT:-130}" python3 benchmarks/bench_layer.py --out "$OUT/layer.json"
+step model "${MODEL_LIMIT:-240}" python3 benchmarks/bench_model.py --ranks 384 16 --layers 4 --out "$OUT/model.json"
+step parity "${PARITY_LIMIT:-80}" python3 examples/train_parity.py --device cuda --compare-inductor --out "$OUT/parity.json"
 
 echo
 cat "$OUT/e2e_status.txt"
