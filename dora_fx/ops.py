@@ -2,14 +2,20 @@
 
 ``dora_fx::weight_norm``
     Row norms of ``W + s·B·A`` from the factored form, float32, ``[d_out]``. No gradient: PEFT
-    detaches the norm. Reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`).
+    detaches the norm.
+``dora_fx::cached_weight_norm``
+    The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`); the rewrite uses it
+    in graphs that compute no gradients (inference), where the norm is a constant.
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
     ``lora`` and ``magnitude``; its backward is ``dora_fx::compose_backward``.
 
 On CUDA the ops launch the Triton kernels of :mod:`dora_fx.kernels`; elsewhere they run the
-reference math of :mod:`dora_fx.kernels.reference`. Each op validates its inputs, in eager calls
+reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose`` and
+``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them, so a
+compiled graph launches the kernels from Inductor's generated code (and, on the CPU, fuses the
+reference math) instead of calling back into Python. Each op validates its inputs, in eager calls
 and when traced with fake tensors, so a bad call fails with a message naming the problem.
 """
 
@@ -65,30 +71,35 @@ def _check_compose_inputs(
     _check_same_device("compose", result, base, bias, lora, magnitude, norm)
 
 
-@torch.library.custom_op("dora_fx::weight_norm", mutates_args=())
+@torch.library.triton_op("dora_fx::weight_norm", mutates_args=())
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
-    return norm_cache.cached_or_compute(_compute_weight_norm, weight, lora_A, lora_B, scaling, fan_in_fan_out)
-
-
-def _compute_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out)
 
 
-@weight_norm.register_fake
-def _weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
+def _no_gradient(ctx, *grads):
+    return None, None, None, None, None
+
+
+weight_norm.register_autograd(_no_gradient)
+
+
+@torch.library.custom_op("dora_fx::cached_weight_norm", mutates_args=())
+def cached_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
+    return norm_cache.cached_or_compute(weight_norm, weight, lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+@cached_weight_norm.register_fake
+def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     d_out, _ = _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
     return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
 
 
-def _weight_norm_backward(ctx, grad):
-    return None, None, None, None, None
+cached_weight_norm.register_autograd(_no_gradient)
 
 
-weight_norm.register_autograd(_weight_norm_backward)
-
-
-@torch.library.custom_op("dora_fx::compose", mutates_args=())
+@torch.library.triton_op("dora_fx::compose", mutates_args=())
 def compose(
     result: Tensor,
     base: Tensor | None,
@@ -102,13 +113,7 @@ def compose(
     return dispatch.call("compose", result, base, bias, lora, magnitude, norm, scaling)
 
 
-@compose.register_fake
-def _compose_fake(result, base, bias, lora, magnitude, norm, scaling):
-    _check_compose_inputs(result, base, bias, lora, magnitude, norm)
-    return torch.empty_like(result, dtype=reference.compose_dtype(result, base, lora, magnitude))
-
-
-@torch.library.custom_op("dora_fx::compose_backward", mutates_args=())
+@torch.library.triton_op("dora_fx::compose_backward", mutates_args=())
 def compose_backward(
     grad_out: Tensor,
     result: Tensor,
@@ -120,16 +125,6 @@ def compose_backward(
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.call("compose_backward", grad_out, result, base, bias, lora, magnitude, norm, scaling)
-
-
-@compose_backward.register_fake
-def _compose_backward_fake(grad_out, result, base, bias, lora, magnitude, norm, scaling):
-    main = base if base is not None else result
-    return (
-        torch.empty_like(grad_out, dtype=main.dtype),
-        torch.empty_like(grad_out, dtype=lora.dtype),
-        torch.empty_like(magnitude),
-    )
 
 
 def _compose_setup_context(ctx, inputs, output):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from dora_fx.kernels import reference
+from dora_fx.kernels.launch import launchable
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,9 @@ def _output_like(like: torch.Tensor, dtype: torch.dtype, n_rows: int, n_cols: in
 
 
 def _finish(out: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
-    if out2.data_ptr() != out.data_ptr() and out.numel():
+    """``out``, with the kernel's separate buffer copied in when it wrote one (a fake-tensor-safe test:
+    ``out2`` is then not a view of ``out``)."""
+    if out2._base is not out and out.numel():
         out.copy_(out2.view(out.shape))
     return out
 
@@ -249,7 +252,7 @@ def compose(
     lora2 = _rows(lora, n_rows, n_cols)
     base2 = None if base is None else _rows(base, n_rows, n_cols)
     grid = (triton.cdiv(n_rows, cfg.block_t) * triton.cdiv(n_cols, cfg.block_n),)
-    _compose_kernel[grid](
+    launchable(_compose_kernel, result)[grid](
         result2,
         base2,
         _vector(bias),
@@ -317,7 +320,7 @@ def compose_backward(
     grad2 = _rows(grad_out, n_rows, n_cols)
     lora2 = _rows(lora, n_rows, n_cols)
     main_in = _rows(result if base is None else base, n_rows, n_cols)
-    _compose_backward_kernel[(col_blocks, strips)](
+    launchable(_compose_backward_kernel, grad_out)[(col_blocks, strips)](
         grad2,
         main_in,
         main_in,
@@ -348,7 +351,7 @@ def compose_backward(
     grad_magnitude = torch.empty_like(magnitude)
     block_p = min(32, triton.next_power_of_2(strips))
     block = min(max(32, 2048 // block_p), triton.next_power_of_2(n_cols))
-    _column_sum_kernel[(triton.cdiv(n_cols, block),)](
+    launchable(_column_sum_kernel, partial)[(triton.cdiv(n_cols, block),)](
         partial, _vector(norm), grad_magnitude, strips, n_cols, partial.stride(0),
         BLOCK_P=block_p, BLOCK_N=block, num_warps=4,
     )

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from dora_fx.kernels import reference
+from dora_fx.kernels.launch import launchable
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: 
     k_per_split = triton.cdiv(k_steps, splits) * block_k
     splits = triton.cdiv(d_in, k_per_split)
     partial = torch.empty((splits, r, r), dtype=torch.float32, device=lora_A.device)
-    _gram_kernel[(tiles, tiles, splits)](
+    launchable(_gram_kernel, lora_A)[(tiles, tiles, splits)](
         lora_A,
         partial,
         r,
@@ -416,7 +417,7 @@ def _gram(
         gram, gram_lo = torch.empty((r, r), dtype=torch.float32, device=device), None
     block_s = min(32, triton.next_power_of_2(splits))
     block = max(32, 4096 // block_s)
-    _gram_finish_kernel[(triton.cdiv(r * r, block),)](
+    launchable(_gram_finish_kernel, partial)[(triton.cdiv(r * r, block),)](
         partial, gram, gram_lo, r * r, splits, partial.stride(0),
         SPLIT_BF16=split_bf16, BLOCK_S=block_s, BLOCK=block, num_warps=4,
     )
@@ -465,7 +466,7 @@ def weight_norm(
     partial = out.view(1, d_out) if num_parts == 1 else torch.empty((num_parts, d_out), dtype=torch.float32, device=device)
     grid = (triton.cdiv(d_out, cfg.block_m) * num_parts,)
     log.debug("weight_norm d_out=%d d_in=%d r=%d config=%s grid=%s", d_out, d_in, r, cfg, grid)
-    _norm_partial_kernel[grid](
+    launchable(_norm_partial_kernel, weight)[grid](
         weight,
         lora_A,
         lora_B,
@@ -502,7 +503,7 @@ def weight_norm(
     if num_parts > 1:
         block_p = min(32, triton.next_power_of_2(num_parts))
         block = max(32, 2048 // block_p)
-        _norm_finalize_kernel[(triton.cdiv(d_out, block),)](
+        launchable(_norm_finalize_kernel, partial)[(triton.cdiv(d_out, block),)](
             partial, out, d_out, num_parts, partial.stride(0), BLOCK_P=block_p, BLOCK=block, num_warps=4
         )
     return out

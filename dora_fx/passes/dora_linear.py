@@ -11,7 +11,8 @@ Matches (PEFT 0.21 ``DoraLinearLayer.forward`` as Dynamo traces it; ``.to``/``.d
 
 Rewrite to::
 
-    norm = dora_fx.weight_norm(W, A, B, s, fan_in_fan_out)       # never forms dense
+    norm = dora_fx.weight_norm(W, A, B, s, fan_in_fan_out)       # never forms dense (cached_weight_norm
+                                                                 # in graphs without gradients)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
 
 Anything that matches only part of this (another scaling in the output than in the norm, a norm over
@@ -299,6 +300,14 @@ def _region_nodes(region: Region) -> set[fx.Node]:
     return nodes
 
 
+def _norm_op(out_value: torch.Tensor):
+    """The cached norm where the graph computes no gradient (inference: W, A and B are constants
+    between optimizer steps), else the plain one, which Inductor launches without Python."""
+    if out_value.requires_grad:
+        return torch.ops.dora_fx.weight_norm.default
+    return torch.ops.dora_fx.cached_weight_norm.default
+
+
 def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
     """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead."""
     graph = gm.graph
@@ -309,9 +318,10 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
         roles[region.bias] = "bias"
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
-    norm_val = _fake_value(torch.ops.dora_fx.weight_norm.default, norm_args)
+    norm_op = _norm_op(gv.value(out))
+    norm_val = _fake_value(norm_op, norm_args)
     with graph.inserting_before(nodes["norm"]):
-        new_norm = graph.call_function(torch.ops.dora_fx.weight_norm.default, norm_args)
+        new_norm = graph.call_function(norm_op, norm_args)
     new_norm.meta.update(val=norm_val, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
     with graph.inserting_before(out):
