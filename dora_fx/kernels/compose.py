@@ -81,7 +81,8 @@ def _compose_kernel(
         base = res - tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:
         base = res
-    out = res + g_minus_1[None, :] * base + (g * scaling)[None, :] * lora
+    # Inductor passes Python floats to user kernels as fp64 scalars: compute in fp32 all the same.
+    out = res + g_minus_1[None, :] * base + (g * tl.cast(scaling, tl.float32))[None, :] * lora
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
 
 
@@ -129,7 +130,8 @@ def _compose_backward_kernel(
         main_factor = g_minus_1
     else:
         main_factor = g
-    lora_factor = g * scaling
+    s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
+    lora_factor = g * s
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
 
@@ -149,7 +151,7 @@ def _compose_backward_kernel(
             base = base - bias[None, :]
         tl.store(grad_main_ptr + rows[:, None] * stride_grad_main + cols[None, :], main_factor[None, :] * d, mask=mask)
         tl.store(grad_lora_ptr + rows[:, None] * stride_grad_lora + cols[None, :], lora_factor[None, :] * d, mask=mask)
-        acc += tl.where(mask, d * (base + scaling * lora), 0.0)
+        acc += tl.where(mask, d * (base + s * lora), 0.0)
     tl.store(partial_ptr + pid_t * stride_partial + cols, tl.sum(acc, axis=0), mask=mask_n)
 
 

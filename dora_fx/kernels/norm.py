@@ -252,7 +252,8 @@ def _norm_partial_kernel(
         w_sq = tl.where(pid_n == 0, w_sq, 0.0)
 
     # Epilogue: 2s·U_K, plus s²·(B G)[M, N] = s²·Σ_j B[M, j] G[j, N] once per (M, N) tile.
-    contrib = (2.0 * scaling) * acc
+    s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
+    contrib = (2.0 * s) * acc
     if pid_k == 0:
         bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_r = tl.arange(0, BLOCK_R)
@@ -271,7 +272,7 @@ def _norm_partial_kernel(
                 bg = _mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
             else:
                 bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
-        contrib += (scaling * scaling) * bg
+        contrib += (s * s) * bg
     b_n = tl.load(
         b_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_br,
         mask=mask_m[:, None] & mask_n[None, :],

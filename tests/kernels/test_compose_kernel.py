@@ -115,14 +115,14 @@ _CASES = [
 def test_forward_and_backward_match_reference(shape, has_base, has_bias, dtype):
     t = _make(shape, dtype, has_base, has_bias)
     _check_forward(t)
-    _check_backward(t, torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype))
+    _check_backward(t, torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(t["result"].device, dtype))
 
 
 def test_many_row_strips_in_backward():
     # Small tiles force several row strips, so grad_magnitude goes through the partial-sum buffer.
     t = _make((50, 37), torch.float32, False, True, seed=1)
     cfg = compose.ComposeConfig(block_t=4, block_n=16, num_warps=4, programs_per_sm=8)
-    grad = torch.randn(50, 37)
+    grad = torch.randn(50, 37, device=SMALL_SHAPE_DEVICE)
     _check_forward(t, config=cfg)
     _check_backward(t, grad, config=cfg)
 
@@ -131,23 +131,23 @@ def test_mixed_dtypes_promote_like_peft():
     # bf16 activations with a float32 magnitude: out and grad_magnitude follow PyTorch's promotion.
     t = _make((7, 33), torch.bfloat16, False, True, seed=2, magnitude_dtype=torch.float32)
     _check_forward(t)
-    _check_backward(t, torch.randn(7, 33).to(torch.bfloat16))
+    _check_backward(t, torch.randn(7, 33, device=SMALL_SHAPE_DEVICE).to(torch.bfloat16))
 
 
 def test_strided_inputs():
-    wide = torch.randn(3, 9, 40)
+    wide = torch.randn(3, 9, 40, device=SMALL_SHAPE_DEVICE)
     t = _make((3, 9, 33), torch.float32, True, False, seed=3)
     t["result"] = wide[..., :33]  # row stride 40: read in place
-    t["lora"] = torch.randn(3, 33, 9).transpose(1, 2)  # feature stride != 1: copied
+    t["lora"] = torch.randn(3, 33, 9, device=SMALL_SHAPE_DEVICE).transpose(1, 2)  # feature stride != 1: copied
     _check_forward(t)
-    _check_backward(t, torch.randn(9, 3, 33).transpose(0, 1))  # non-contiguous grad_out
+    _check_backward(t, torch.randn(9, 3, 33, device=SMALL_SHAPE_DEVICE).transpose(0, 1))  # non-contiguous grad_out
 
 
 def test_float64_follows_reference():
     t = _make((4, 6), torch.float64, False, True, seed=4)
     args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
     torch.testing.assert_close(compose.compose(*args), reference.compose(*args))
-    grad = torch.randn(4, 6, dtype=torch.float64)
+    grad = torch.randn(4, 6, dtype=torch.float64, device=SMALL_SHAPE_DEVICE)
     for g, r in zip(compose.compose_backward(grad, *args), reference.compose_backward(grad, *args)):
         torch.testing.assert_close(g, r)
 

@@ -79,7 +79,7 @@ def test_split_k_and_square_sharing(round_robin, fan_in_fan_out):
 
 
 def test_strided_weight_is_read_in_place():
-    base = torch.randn(40, 140, dtype=torch.bfloat16)
+    base = torch.randn(40, 140, dtype=torch.bfloat16, device=SMALL_SHAPE_DEVICE)
     weight = base[3:36, ::2]  # [33, 70], non-contiguous rows and columns
     _, lora_A, lora_B = _make(33, 70, 5, torch.bfloat16, False, seed=2)
     _check(weight, lora_A, lora_B, -1.5, False)
