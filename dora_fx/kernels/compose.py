@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from dora_fx.kernels import reference
-from dora_fx.kernels.launch import launchable
+from dora_fx.kernels.launch import launchable, num_sms
 
 log = logging.getLogger(__name__)
 
@@ -278,12 +278,6 @@ def compose(
     return _finish(out, out2)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def compose_backward(
     grad_out: torch.Tensor,
     result: torch.Tensor,
@@ -314,7 +308,7 @@ def compose_backward(
     cfg = config or compose_config(n_rows, n_cols, device)
     col_blocks = triton.cdiv(n_cols, cfg.block_n)
     row_tiles = triton.cdiv(n_rows, cfg.block_t)
-    strips = max(1, min(row_tiles, triton.cdiv(cfg.programs_per_sm * _num_sms(device), col_blocks)))
+    strips = max(1, min(row_tiles, triton.cdiv(cfg.programs_per_sm * num_sms(device, default=1), col_blocks)))
     rows_per_program = triton.cdiv(row_tiles, strips) * cfg.block_t
     strips = triton.cdiv(n_rows, rows_per_program)
     partial = torch.empty((strips, n_cols), dtype=torch.float32, device=device)

@@ -9,8 +9,28 @@ compiled ``@triton.jit`` functions).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch.library import wrap_triton
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device, default: int) -> int:
+    """Multiprocessors of a CUDA ``device``; ``default`` elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return default
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launchable(kernel, on: torch.Tensor):

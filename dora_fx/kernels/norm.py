@@ -31,22 +31,17 @@ float32; ``U`` never leaves registers. The Gram split is capped so that the tota
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from dora_fx.kernels import reference
-from dora_fx.kernels.launch import launchable
+from dora_fx.kernels import launch
+from dora_fx.kernels.launch import launchable, num_sms
 
 log = logging.getLogger(__name__)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -318,17 +313,6 @@ class NormConfig:
     squares_own_load: bool = False
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
 def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(max(n, 1)))
 
@@ -342,7 +326,7 @@ def norm_config(d_out: int, d_in: int, r: int, device: torch.device) -> NormConf
     block_m, block_k = 128, 64
     tiles = triton.cdiv(d_out, block_m) * triton.cdiv(r, block_n)
     split = 1
-    while tiles * split < 2 * _num_sms(device) and triton.cdiv(d_in, block_k) >= 16 * split:
+    while tiles * split < 2 * num_sms(device, default=4) and triton.cdiv(d_in, block_k) >= 16 * split:
         split *= 2
     num_warps = 8 if block_n >= 128 else 4
     return NormConfig(block_m, block_n, block_k, num_warps, 3 if block_n >= 128 else 4, split_k=split)
@@ -446,7 +430,7 @@ def weight_norm(
     if r == 0 or d_in == 0 or d_out == 0:
         return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
     device = weight.device
-    interpreting = _interpreting()
+    interpreting = launch.interpreting()
     cfg = config or norm_config(d_out, d_in, r, device)
     block_r = cfg.block_r or min(64, _pow2_at_least(r))
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
@@ -455,7 +439,7 @@ def weight_norm(
     split_g = lora_B.dtype == torch.bfloat16
     # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
     gram, gram_lo = _gram(
-        lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), split_g, _num_sms(device), interpreting,
+        lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), split_g, num_sms(device, default=4), interpreting,
         max_splits=min(64, d_out // r - 1),
     )
 
