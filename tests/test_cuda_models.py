@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models, norm_cache
+from dora_fx import models
 from tests.helpers import differentiable_inputs, fresh, relative_error, step, zero_grads
 
 pytestmark = [
@@ -46,34 +46,19 @@ def test_bf16_model_error_within_twice_eager_peft(name, train):
         assert ours <= 2 * eager, f"{key}: dora_fx {ours:.2e} vs eager PEFT {eager:.2e}"
 
 
-def test_compiled_training_step_launches_dora_kernels(monkeypatch):
-    from dora_fx.kernels import compose, norm
-
-    launched = []
-    for module, name in ((norm, "weight_norm"), (compose, "compose"), (compose, "compose_backward")):
-        launcher = getattr(module, name)
-
-        def counting(*args, _launcher=launcher, _name=name, **kwargs):
-            launched.append(_name)
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counting)  # dispatch looks launchers up per call
+def test_compiled_training_step_launches_dora_kernels():
+    """Inductor launches the dora_fx Triton kernels itself (the ops are ``triton_op``s): the profiler
+    must show them, and no op may have fallen back to the reference math (that warns)."""
     example = _cuda_example("llama", layers=1)
     model = example.model.train()
     compiled = torch.compile(model, backend=dora_fx.dora_backend)
     inputs = differentiable_inputs(example, torch.Generator().manual_seed(1))
     step(compiled, fresh(inputs))  # compile outside the profiled step
-    launched.clear()
-    norm_cache.clear()  # no optimizer step ran, so the norm would be reused
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a kernel falling back to the reference warns
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
             step(compiled, fresh(inputs))
             torch.cuda.synchronize()
-    layers = example.dora_layers
-    assert sorted(set(launched)) == ["compose", "compose_backward", "weight_norm"]
-    assert launched.count("compose") == launched.count("compose_backward") == layers
-    kernels = {event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA}
-    if kernels:  # some VMs' profilers record no device activity at all
-        for kernel in DORA_KERNELS:
-            assert any(kernel in name for name in kernels), f"{kernel} not among {sorted(kernels)[:20]}"
+    kernels = {event.name for event in prof.events()}
+    for kernel in DORA_KERNELS:
+        assert any(kernel in name for name in kernels), f"{kernel} not among {sorted(kernels)[:30]}"
