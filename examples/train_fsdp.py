@@ -26,6 +26,8 @@ CUDA: nccl, bfloat16, hidden 1024, 4 layers, r 16, 8 x 512 tokens, lr 1e-3.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -82,27 +84,64 @@ def make_backend(name: str, inner: str):
     return name  # "inductor" (plain torch.compile) or any Dynamo backend name
 
 
-def train(forward, params, batches, steps: int, lr: float, rank: int, world: int, device) -> dict:
-    """``steps`` AdamW steps; each rank's shard of each global batch; losses averaged over ranks."""
+class RewriteCounter:
+    """Wraps a backend; remembers how many DoRA regions dora_fx rewrote in each Dynamo compile id.
+
+    The report counts rewrites per compiled graph, and one compiled graph can serve many layers (all
+    decoder layers share one under FSDP2). With the profiler's "Torch-Compiled Region: <id>" events
+    of one step this gives the DoRA layers that actually ran rewritten in that step.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.rewrites: dict[str, int] = {}
+
+    def __call__(self, gm, example_inputs):
+        before = len(dora_fx.last_report().rewrites)
+        compiled = torch._dynamo.lookup_backend(self.backend)(gm, example_inputs) \
+            if isinstance(self.backend, str) else self.backend(gm, example_inputs)
+        compile_id = str(torch._guards.CompileContext.current_compile_id())
+        self.rewrites[compile_id] = self.rewrites.get(compile_id, 0) + len(dora_fx.last_report().rewrites) - before
+        return compiled
+
+
+def train(forward, params, batches, steps: int, lr: float, rank: int, world: int, device,
+          backward_context=contextlib.nullcontext) -> dict:
+    """``steps`` AdamW steps; each rank's shard of each global batch; losses averaged over ranks.
+
+    The last step runs under the profiler, which counts how often each compiled graph ran in one
+    training step (that step is left out of the step times).
+    """
     optimizer = torch.optim.AdamW(params, lr=lr)
-    losses, seconds = [], []
+    losses, seconds, regions = [], [], {}
     for step in range(steps):
         ids = batches[step % len(batches)]
         rows = ids.shape[0] // world
         ids = ids[rank * rows : (rank + 1) * rows].to(device)
+        profiled = step == steps - 1
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
         start = time.perf_counter()
-        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache: it guards per layer
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        losses.append(value.item())  # synchronizes
+        with profiler or contextlib.nullcontext():
+            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache: it guards per layer
+            with backward_context():
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            losses.append(value.item())  # synchronizes
         seconds.append(time.perf_counter() - start)
-    steady = seconds[1:] or seconds
-    return {"losses": losses, "first_step_s": seconds[0], "median_step_ms": 1e3 * statistics.median(steady)}
+        if profiled:
+            prefix = "Torch-Compiled Region: "
+            for event in profiler.events():
+                if event.name.startswith(prefix):
+                    compile_id = event.name[len(prefix):]
+                    regions[compile_id] = regions.get(compile_id, 0) + 1
+    steady = seconds[1:-1] or seconds
+    return {"losses": losses, "first_step_s": seconds[0], "median_step_ms": 1e3 * statistics.median(steady),
+            "compiled_region_runs_last_step": regions}
 
 
 def graph_breaks() -> dict[str, int]:
@@ -147,15 +186,25 @@ def run(args: argparse.Namespace) -> dict | None:
 
     mode = "reference" if args.reference else args.mode
     backend_name = "eager" if args.reference else args.backend
+    if args.optimize_ddp:
+        torch._dynamo.config.optimize_ddp = args.optimize_ddp
     if distributed:
         model = wrap(model, args.mode, device, args.bucket_cap_mb)
     # AdamW over the trainable parameters after wrapping (FSDP2 swaps them for sharded DTensors).
     params = [p for p in model.parameters() if p.requires_grad]
     dora_fx.reset_report()
-    forward = model if backend_name == "eager" else torch.compile(model, backend=make_backend(backend_name, args.inner))
+    torch._dynamo.utils.counters["graph_break"].clear()
+    backend = None if backend_name == "eager" else RewriteCounter(make_backend(backend_name, args.inner))
+    forward = model if backend is None else torch.compile(model, backend=backend)
+    backward_context = contextlib.nullcontext
+    if backend is not None and args.optimize_ddp == "python_reducer":
+        # DDP's Python reducer is meant to be traced into the backward by compiled autograd.
+        from torch._dynamo import compiled_autograd
+
+        backward_context = functools.partial(compiled_autograd._enable, torch.compile(backend=backend))
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train(forward, params, batches, args.steps, config["lr"], rank, world, device)
+    result = train(forward, params, batches, args.steps, config["lr"], rank, world, device, backward_context)
 
     report = dora_fx.last_report()
     breaks = graph_breaks()
@@ -174,6 +223,13 @@ def run(args: argparse.Namespace) -> dict | None:
         "near_misses": [{"where": m.where, "reason": m.reason} for m in report.near_misses],
         "rewrites_per_graph": [len(g.rewrites) for g in report.graphs],
     } | result
+    runs = result.pop("compiled_region_runs_last_step")
+    if backend is not None:
+        result["rewrites_by_compile_id"] = backend.rewrites
+        result["compiled_region_runs_last_step"] = runs
+        # DoRA layers that ran through a rewritten graph in the last step (forward; the backward of a
+        # rewritten region is the custom ops' own backward).
+        result["rewritten_layer_runs_last_step"] = sum(n * backend.rewrites.get(cid, 0) for cid, n in runs.items())
     if device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         peaks = [None] * world
@@ -218,6 +274,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=8, help="distinct global batches, cycled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bucket-cap-mb", type=float, help="DDP bucket size (DDP's default: 25)")
+    parser.add_argument("--optimize-ddp", choices=["ddp_optimizer", "no_optimization", "python_reducer"],
+                        help="torch._dynamo.config.optimize_ddp (PyTorch's default: ddp_optimizer, which splits the "
+                             "graph at DDP bucket boundaries; python_reducer also turns on compiled autograd)")
     parser.add_argument("--compare", help="a --reference run's JSON: add the loss differences to it")
     parser.add_argument("--out", help="write the result as JSON here (rank 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-step losses")
@@ -239,13 +298,14 @@ def main(argv=None) -> dict | None:
         for step, loss in enumerate(result["losses"]):
             print(f"step {step:3d}  loss {loss:.6f}")
     if cfg["backend"] == "dora":
-        print(f"dora_fx: {result['rewrites']} of {result['dora_layers']} DoRA layers rewritten in "
-              f"{result['graphs_compiled']} graph(s) (rewrites per graph {result['rewrites_per_graph']}), "
-              f"{len(result['near_misses'])} near-miss(es), {result['graph_breaks']} graph break(s)")
+        print(f"dora_fx: {result['rewrites']} DoRA region(s) rewritten in {result['graphs_compiled']} compiled "
+              f"graph(s) (per graph: {result['rewrites_per_graph']}), {len(result['near_misses'])} near-miss(es); "
+              f"{result['rewritten_layer_runs_last_step']} of {result['dora_layers']} DoRA layers ran rewritten "
+              f"in the last step")
         for miss in result["near_misses"]:
             print(f"  near-miss {miss['where']}: {miss['reason']}")
-    elif cfg["backend"] != "eager":
-        print(f"{result['graphs_compiled']} dora_fx graph(s); {result['graph_breaks']} graph break(s)")
+    if cfg["backend"] != "eager":
+        print(f"Dynamo graph breaks: {result['graph_breaks']} {result['graph_break_reasons']}")
     print(f"median step {result['median_step_ms']:.2f} ms, first step {result['first_step_s']:.1f} s")
     if "peak_memory_gib_per_rank" in result:
         print("peak memory per rank, GiB: " + ", ".join(f"{p:.3f}" for p in result["peak_memory_gib_per_rank"]))
