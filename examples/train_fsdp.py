@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> dict | None:
         # DDP's Python reducer is meant to be traced into the backward by compiled autograd.
         from torch._dynamo import compiled_autograd
 
-        backward_context = functools.partial(compiled_autograd._enable, torch.compile(backend=backend))
+        enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable
+        backward_context = functools.partial(enable, torch.compile(backend=backend))
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = train(forward, params, batches, args.steps, config["lr"], rank, world, device, backward_context)
@@ -232,8 +233,9 @@ def run(args: argparse.Namespace) -> dict | None:
         result["rewritten_layer_runs_last_step"] = sum(n * backend.rewrites.get(cid, 0) for cid, n in runs.items())
     if device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        peaks = [None] * world
-        dist.all_gather_object(peaks, peak) if distributed else peaks.__setitem__(0, peak)
+        peaks = [peak] * world
+        if distributed:
+            dist.all_gather_object(peaks, peak)
         result["peak_memory_gib_per_rank"] = [p / 2**30 for p in peaks]
     if distributed:
         # Free the compiled wrapper and DDP's reducer (which hold the process group) on every rank
