@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout's dora_fx first
 
-import dora_fx  # noqa: E402
-from dora_fx.models import build  # noqa: E402
+import dora_fx
+from dora_fx.models import build
 
 DEFAULTS = {
     "cpu": dict(dtype="float32", hidden=32, layers=2, rank=4, batch=4, seq=16, lr=1e-2),
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict | None:
     else:
         rank, world = 0, 1
     if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
