@@ -37,7 +37,7 @@ from dora_fx.report import NearMiss, Rewrite, module_class, module_path
 log = logging.getLogger(__name__)
 
 _NORM_INPUT_NODES = {
-    "eye": gv.EYE, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "a_eye": gv.LINEAR, "dense": gv.LINEAR,
+    "eye": gv.ANY, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "a_eye": gv.LINEAR, "dense": gv.LINEAR,
     "dense_t": gv.TRANSPOSE, "scaled": gv.MUL, "summed": gv.ADD, "norm": gv.NORM,
 }
 _NORM_INPUT_EDGES = (
@@ -159,6 +159,21 @@ def _canonical_weight(node: fx.Node) -> tuple[fx.Node, bool]:
     return node, False
 
 
+def _require_identity_from_this_graph(eye: fx.Node, d_in: int) -> None:
+    """PEFT builds the dense product from ``torch.eye(d_in)``. An identity-shaped graph input there
+    means the graph was split between the two (a DDP bucket boundary, say): its values cannot be
+    checked, so the region is reported, not rewritten."""
+    if gv.kind_of(eye) == gv.EYE:
+        return
+    if eye.op == "placeholder" and _shape(eye) == (d_in, d_in):
+        raise NoMatch(
+            f"the [{d_in}, {d_in}] matrix that lora_A is applied to ({eye.name}) comes from another graph: "
+            "the graph was split between PEFT's torch.eye and the norm (under DDP, at a gradient-bucket "
+            "boundary; torch._dynamo.config.optimize_ddp='no_optimization' or 'python_reducer' keeps it whole)"
+        )
+    raise NoMatch(f"the dense product is built from {eye.name}, not from torch.eye({d_in})")
+
+
 def _check_norm(nodes: dict[str, fx.Node]) -> dict:
     eye, A, B, m = nodes["eye"], nodes["A"], nodes["B"], nodes["m"]
     a_shape, b_shape, m_shape = _shape(A), _shape(B), _shape(m)
@@ -166,6 +181,7 @@ def _check_norm(nodes: dict[str, fx.Node]) -> dict:
     r, d_in = a_shape
     _require(b_shape is not None and len(b_shape) == 2 and b_shape[1] == r, "lora_B does not chain with lora_A")
     d_out = b_shape[0]
+    _require_identity_from_this_graph(eye, d_in)
     eye_n = eye.args[0] if eye.args else eye.kwargs.get("n")
     eye_m = eye.args[1] if len(eye.args) > 1 else eye.kwargs.get("m")
     _require(eye_n == d_in and eye_m in (None, d_in), f"eye({eye_n}) is not the identity of lora_A's {d_in} inputs")

@@ -126,3 +126,23 @@ def test_report_names_the_module_and_serialises():
     assert data["total_rewrites"] == 2
     assert data["total_dense_bytes_avoided"] == (80 * 48 + 24 * 80) * 4
     assert "base_model.model.fc1" in report.to_text() and report.to_json()
+
+
+def test_identity_from_another_graph_is_reported_not_rewritten():
+    """What a graph split between PEFT's torch.eye and the norm (a DDP bucket boundary) leaves."""
+    module = DoraLike()
+
+    def split_piece(x, identity):
+        dense = F.linear(F.linear(identity, module.lora_A), module.lora_B).T
+        norm = torch.linalg.norm(module.weight + 2.0 * dense.detach(), dim=1).detach()
+        g = (module.magnitude / norm).view(1, -1)
+        result = F.linear(x, module.weight, module.bias)
+        lora = F.linear(F.linear(x, module.lora_A), module.lora_B)
+        return result + ((g - 1) * (result - module.bias) + g * lora * 2.0)
+
+    backend = RecordingBackend()
+    x, identity = torch.randn(5, 12), torch.eye(12)
+    torch.testing.assert_close(torch.compile(split_piece, backend=backend)(x, identity), split_piece(x, identity))
+    assert backend.report.rewrites == []
+    (miss,) = backend.report.near_misses
+    assert "comes from another graph" in miss.reason and "optimize_ddp" in miss.reason
