@@ -19,7 +19,7 @@ step() {  # step NAME LIMIT_S COMMAND...
   grep -v "Warning\|warn(" "$OUT/step.log" | tail -n "${TAIL:-40}" >>"$S"
   echo "== $name: rc=$rc in $((SECONDS - start)) s" >>"$S"
 }
-step tests "${TESTS_LIMIT:-90}" python3 -m pytest -q -p no:logging -p no:cacheprovider tests/kernels tests/test_cuda_models.py -m cuda
+step tests "${TESTS_LIMIT:-240}" python3 -m pytest -q -p no:logging -p no:cacheprovider tests/kernels tests/test_cuda_models.py -m cuda
 cp "$OUT/step.log" "$OUT/tests.log"
 step layer "${LAYER_LIMIT:-100}" python3 benchmarks/bench_layer.py --quick --out "$OUT/layer.json"
 step eval_cache "${EVAL_LIMIT:-40}" python3 benchmarks/bench_eval_cache.py --out "$OUT/eval_cache.json"
