@@ -27,7 +27,6 @@ import logging
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_arg
 
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx.kernels import reference
@@ -297,12 +296,20 @@ def match_region(anchor: fx.Node) -> Region:
     raise failures[0]
 
 
-def _fake_value(target, args):
-    """Run ``target``'s fake implementation on the example values of ``args``."""
-    vals = map_arg(args, gv.value)
-    fake_mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
-    with fake_mode:
-        return target(*vals)
+def _norm_value(region: Region) -> torch.Tensor:
+    """``meta["val"]`` of the new norm node: what the op's fake implementation returns, built directly
+    (running the op under fake mode would trace its autograd and reference math, ~5 ms a region)."""
+    weight, lora_A, lora_B = (gv.value(n) for n in (region.weight, region.nodes["A"], region.nodes["B"]))
+    with weight.fake_mode:
+        return weight.new_empty((region.d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
+
+
+def _compose_value(region: Region) -> torch.Tensor:
+    """``meta["val"]`` of the new compose node (see :func:`_norm_value`)."""
+    result, lora, magnitude = (gv.value(region.nodes[k]) for k in ("result", "lora", "m"))
+    base = None if region.base is None else gv.value(region.base)
+    with result.fake_mode:
+        return torch.empty_like(result, dtype=reference.compose_dtype(result, base, lora, magnitude))
 
 
 def _region_nodes(region: Region) -> set[fx.Node]:
@@ -324,8 +331,8 @@ def _norm_op(out_value: torch.Tensor):
     return torch.ops.dora_fx.cached_weight_norm.default
 
 
-def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
-    """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead."""
+def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
+    """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead (returned)."""
     graph = gm.graph
     nodes = region.nodes
     out = nodes["out"]
@@ -335,20 +342,19 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
     norm_op = _norm_op(gv.value(out))
-    norm_val = _fake_value(norm_op, norm_args)
     with graph.inserting_before(nodes["norm"]):
         new_norm = graph.call_function(norm_op, norm_args)
-    new_norm.meta.update(val=norm_val, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
+    new_norm.meta.update(val=_norm_value(region), nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
     with graph.inserting_before(out):
         new_out = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
     new_out.meta.update(
-        val=_fake_value(torch.ops.dora_fx.compose.default, compose_args),
+        val=_compose_value(region),
         nn_module_stack=out.meta.get("nn_module_stack", {}),
         stack_trace=out.meta.get("stack_trace"),
     )
     out.replace_all_uses_with(new_out)
-    _erase_dead(graph, [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"])])
+    erased = _erase_dead(graph, [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"])])
     dense = gv.value(nodes["dense"])
     return Rewrite(
         module=module_path(new_out),
@@ -361,14 +367,17 @@ def rewrite(gm: fx.GraphModule, region: Region) -> Rewrite:
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
         code_before=code_before,
         code_after=gv.subgraph_code({new_norm, new_out}, new_out, roles),
-    )
+    ), erased
 
 
-def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(set(candidates), key=order.__getitem__, reverse=True):
+def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> set[fx.Node]:
+    """Erase the ``candidates`` nobody uses any more, consumers first; returns the erased nodes."""
+    erased = set()
+    for node in reversed(gv.topological_order(set(candidates))):
         if not node.users and node.op not in ("placeholder", "output"):
             graph.erase_node(node)
+            erased.add(node)
+    return erased
 
 
 def _compose_dtype_matches(region: Region) -> bool:
@@ -384,9 +393,9 @@ def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:
     """Rewrite every PEFT DoRA Linear region of ``gm`` in place."""
     rewrites, near_misses = [], []
     explained_eyes: set[fx.Node] = set()
-    alive = set(gm.graph.nodes)
+    erased: set[fx.Node] = set()
     for anchor in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.NORM]:
-        if anchor not in alive:  # erased by an earlier rewrite
+        if anchor in erased:  # by an earlier rewrite
             continue
         where = f"{module_path(anchor)} ({anchor.name})"
         try:
@@ -400,8 +409,9 @@ def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:
                 near_misses.append(NearMiss(where, exc.reason))
                 explained_eyes |= {n for n in gv.neighbourhood(anchor, up=6, down=0) if gv.kind_of(n) == gv.EYE}
             continue
-        rewrites.append(rewrite(gm, region))
-        alive = set(gm.graph.nodes)
+        done, gone = rewrite(gm, region)
+        rewrites.append(done)
+        erased |= gone
         log.debug("dora_fx: rewrote %s", rewrites[-1])
     for eye in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.EYE and n not in explained_eyes]:
         if any(gv.kind_of(u) == gv.LINEAR for u in gv.real_users(eye)):
