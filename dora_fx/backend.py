@@ -53,7 +53,7 @@ class DoraBackend:
         else:
             graph_report = GraphReport(graph_id)
         self.report.graphs.append(graph_report)
-        _record(graph_report)
+        _last_report.graphs.append(graph_report)
         log.info(
             "dora_fx: graph %d: %d rewrite(s), %d near-miss(es), pass %.3f s",
             graph_id,
@@ -65,10 +65,6 @@ class DoraBackend:
 
     def __repr__(self) -> str:
         return f"DoraBackend(inner={self.inner!r}, rewrite={self.rewrite})"
-
-
-def _record(graph_report: GraphReport) -> None:
-    _last_report.graphs.append(graph_report)
 
 
 def reset_report() -> None:

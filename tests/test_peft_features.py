@@ -11,11 +11,6 @@ from dora_fx import models
 from tests.helpers import RecordingBackend
 
 
-def _eager_backend_counting():
-    backend = RecordingBackend()
-    return backend
-
-
 @pytest.mark.parametrize("how", ["automatic", "dynamic=True", "mark_dynamic"])
 def test_ten_sequence_lengths_compile_at_most_twice_and_stay_rewritten(how):
     example = models.build("llama")

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from dora_fx.kernels import reference
 from dora_fx.kernels.launch import launchable, num_sms
+from dora_fx.kernels.reductions import column_sums
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +162,10 @@ def _column_sum_kernel(
 ):
     """``out[j] = (Σ_t P[t, j]) / norm[j]`` in float32, rounded once to ``out``'s dtype."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
     mask = cols < n_cols
-    total = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for t in range(0, n_parts, BLOCK_P):
-        parts = t + offs_p
-        total += tl.load(
-            partial_ptr + parts[:, None] * stride_partial + cols[None, :],
-            mask=(parts < n_parts)[:, None] & mask[None, :],
-            other=0.0,
-        )
+    total = column_sums(partial_ptr, stride_partial, n_parts, cols, mask, BLOCK_P, BLOCK_N)
     n = tl.load(norm_ptr + cols, mask=mask, other=1.0).to(tl.float32)
-    tl.store(out_ptr + cols, tl.div_rn(tl.sum(total, axis=0), n), mask=mask)
+    tl.store(out_ptr + cols, tl.div_rn(total, n), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)

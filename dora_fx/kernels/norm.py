@@ -40,6 +40,7 @@ import triton.language as tl
 from dora_fx.kernels import reference
 from dora_fx.kernels import launch
 from dora_fx.kernels.launch import launchable, num_sms
+from dora_fx.kernels.reductions import column_sums
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,8 @@ def _gram_finish_kernel(
     ``g_lo_ptr`` (``G_hi + G_lo`` carries about 16 bits of ``G``), else ``G`` itself to ``g_ptr``.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_s = tl.arange(0, BLOCK_S)
     mask = offs < n_elements
-    total = tl.zeros((BLOCK_S, BLOCK), dtype=tl.float32)
-    for s in range(0, splits, BLOCK_S):
-        rows = s + offs_s
-        total += tl.load(
-            partial_ptr + rows[:, None] * stride_ps + offs[None, :], mask=(rows < splits)[:, None] & mask[None, :], other=0.0
-        )
-    g = tl.sum(total, axis=0)
+    g = column_sums(partial_ptr, stride_ps, splits, offs, mask, BLOCK_S, BLOCK)
     if SPLIT_BF16:
         g_hi = g.to(tl.bfloat16)
         tl.store(g_ptr + offs, g_hi, mask=mask)
@@ -283,15 +277,9 @@ def _norm_partial_kernel(
 def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     """``out[i] = sqrt(max(Σ_n P[n, i], 0))``: the clamp absorbs cancellation below zero."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_p = tl.arange(0, BLOCK_P)
     mask = offs < d_out
-    total = tl.zeros((BLOCK_P, BLOCK), dtype=tl.float32)
-    for n in range(0, num_parts, BLOCK_P):
-        parts = n + offs_p
-        total += tl.load(
-            partial_ptr + parts[:, None] * stride_pn + offs[None, :], mask=(parts < num_parts)[:, None] & mask[None, :], other=0.0
-        )
-    tl.store(out_ptr + offs, tl.sqrt_rn(tl.maximum(tl.sum(total, axis=0), 0.0)), mask=mask)
+    total = column_sums(partial_ptr, stride_pn, num_parts, offs, mask, BLOCK_P, BLOCK)
+    tl.store(out_ptr + offs, tl.sqrt_rn(tl.maximum(total, 0.0)), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,25 @@
+"""Triton helpers shared by the kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def column_sums(partial_ptr, stride_part, n_parts, cols, mask, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``Σ_p P[p, cols]`` in float32 over the ``n_parts`` rows of a partial-sum buffer ``P``.
+
+    ``cols`` are ``BLOCK_N`` column offsets (``mask`` marks the valid ones); the rows are read
+    ``BLOCK_P`` at a time and added in a ``[BLOCK_P, BLOCK_N]`` accumulator, reduced once at the end.
+    """
+    offs_p = tl.arange(0, BLOCK_P)
+    total = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for p in range(0, n_parts, BLOCK_P):
+        parts = p + offs_p
+        total += tl.load(
+            partial_ptr + parts[:, None] * stride_part + cols[None, :],
+            mask=(parts < n_parts)[:, None] & mask[None, :],
+            other=0.0,
+        )
+    return tl.sum(total, axis=0)
