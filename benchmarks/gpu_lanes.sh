@@ -5,7 +5,8 @@
 #   lane 0: CUDA tests (kernels, models, QDoRA), bf16 training parity, per-gradient errors
 #   lane 1: layer benchmark, full grid (d 8192/4096, r 384/16, 512/4096 tokens), eval with the norm reused
 #   lane 2: Llama-shaped stack, r = 384 and r = 16
-#   lane 3: QDoRA stack (NF4 base; needs the bitsandbytes wheel under .whl, carried), kernel benchmark
+#   lane 3: QDoRA stack (NF4 base; needs the bitsandbytes wheel under .whl, carried), kernel benchmark,
+#           the edge-case tests (their op-level cases use the CUDA kernels)
 # With fewer GPUs, lanes share them round-robin (slower, numbers still per-script).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -35,7 +36,7 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
   case $1 in
     0)
       TAIL=60 step 0 cuda_tests 330 python3 -m pytest -q -p no:cacheprovider tests -m cuda
-      step 0 parity 60 python3 examples/train_parity.py --device cuda --steps 100 --out "$OUT/parity.json"
+      step 0 parity 90 python3 examples/train_parity.py --device cuda --steps 100 --out "$OUT/parity.json"
       step 0 grad_errors 45 python3 benchmarks/profile_layer.py --errors-only ;;
     1)
       step 1 layer 400 python3 benchmarks/bench_layer.py --out "$OUT/layer.json"
@@ -44,8 +45,10 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
       step 2 model_r384 230 python3 benchmarks/bench_model.py --ranks 384 --out "$OUT/model_r384.json"
       step 2 model_r16 230 python3 benchmarks/bench_model.py --ranks 16 --out "$OUT/model_r16.json" ;;
     3)
-      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 330 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
-      step 3 kernels 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json" ;;
+      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 270 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
+      step 3 kernels 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json"
+      # The edge cases' op-level tests run on the GPU's kernels here (they use CUDA when present).
+      step 3 edge_cases 150 python3 -m pytest -q -p no:cacheprovider tests/test_edge_cases.py ;;
   esac
   rm -f "$OUT/lane$1.step"
 }
