@@ -537,18 +537,21 @@ def weight_norm(
     else:
         gram, gram_lo = gram_partial[0], None
     single_part = num_parts == 1
-    counters = torch.empty((0 if single_part else num_m,), dtype=torch.int32, device=device)
+    # Unused (and left unset) with a single part; never empty, so that every pointer is a real one.
+    counters = torch.empty((num_m,), dtype=torch.int32, device=device)
     if finish_g or not single_part:
         block_s = min(32, triton.next_power_of_2(gram_splits))
         block = max(32, 4096 // block_s)
-        grid = (max(triton.cdiv(r * r if finish_g else 0, block), triton.cdiv(counters.numel(), block)),)
-        launchable(_prepare_kernel, gram_partial)[grid](
-            gram_partial, gram, gram_lo, counters, r * r, gram_splits, counters.numel(), gram_partial.stride(0),
+        n_counters = 0 if single_part else num_m
+        grid = (max(triton.cdiv(r * r if finish_g else 0, block), triton.cdiv(n_counters, block)),)
+        g_args = (gram_partial, gram, gram_lo) if finish_g else (None, None, None)  # no aliased arguments
+        launchable(_prepare_kernel, counters)[grid](
+            *g_args, counters, r * r, gram_splits, n_counters, gram_partial.stride(0),
             FINISH_G=finish_g, SPLIT_BF16=split_g, BLOCK_S=block_s, BLOCK=block, num_warps=4,
         )
 
     out = torch.empty((d_out,), dtype=torch.float32, device=device)
-    partial = out.new_empty((2, 0 if single_part else num_parts, d_out))
+    partial = out.new_empty((2, num_parts, 1 if single_part else d_out))  # unused with a single part
     grid = (num_m * num_parts,)
     log.debug("weight_norm d_out=%d d_in=%d r=%d config=%s grid=%s", d_out, d_in, r, cfg, grid)
     launchable(_norm_kernel, weight)[grid](
