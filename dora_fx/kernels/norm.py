@@ -41,8 +41,8 @@ under ``2·d_out·r·4`` bytes whenever ``r`` is well below ``d_out``.
 
 Cancellation (docs/behaviour.md): a row whose factored terms cancel, amplification
 ``a_i = (||W_i||² + |2s<B_i, U_i>| + s²||(BA)_i||²) / norm_i²`` above ``AMPLIFICATION_LIMIT``, is
-recomputed as ``||W_i + s·B_i·A||²`` tile by tile in the finishing program; blocks without such rows
-only pay a comparison.
+recomputed as ``||W_i + s·B_i·A||²`` tile by tile in the finishing program, 16 rows at a time;
+blocks without such rows only pay a comparison.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _dense_row_squares(
     stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """``Σ_k (W[i, k] + s·(B A)[i, k])²`` for the rows ``mask_m`` of a block: the dense form, one
+    """``Σ_k (W[i, k] + s·(B A)[i, k])²`` for the rows ``rows`` (where ``mask_m``): the dense form, one
     ``[BLOCK_M, BLOCK_K]`` tile of ``B A`` at a time in registers (``r·BLOCK_K`` multiply-adds per row
     and tile), summed in float32. Its error does not grow with cancellation between ``W`` and ``s·B A``."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -215,29 +215,39 @@ def _dense_row_squares(
 
 @triton.jit
 def _finish_rows(
-    squared, size, out_ptr, w_ptr, a_ptr, b_ptr, rows, mask_m, d_in, r, s,
+    squared, size, out_ptr, w_ptr, a_ptr, b_ptr, row_start, d_out, d_in, r, s,
     stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
     AMPLIFICATION_LIMIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DENSE_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DENSE_ROWS: tl.constexpr,
+    DENSE_UPCAST: tl.constexpr,
 ):
-    """Stores the row norms ``out[rows]`` from the factored squared norm ``squared`` and its
-    non-negative part ``size = ||W_i||² + s²||(B A)_i||²``.
+    """Stores the norms of rows ``row_start + [0, BLOCK_M)`` from their factored squared norm
+    ``squared`` and its non-negative part ``size = ||W_i||² + s²||(B A)_i||²``.
 
     ``|2s<B_i, U_i>| = |squared - size|``, so ``a_i = (size + |squared - size|) / squared`` is the
     amplification of rounding errors by cancellation. Rows with ``a_i > AMPLIFICATION_LIMIT`` (or a
-    non-positive ``squared`` next to a positive ``size``) are recomputed densely by
-    :func:`_dense_row_squares`; a block without such rows skips that work. Then ``sqrt(max(·, 0))``.
-    Zero rows (``size = squared = 0``) and non-finite sums are not flagged.
+    non-positive ``squared`` next to a positive ``size``) are marked ``-1`` in ``out`` and then
+    recomputed densely by :func:`_dense_row_squares`, ``DENSE_ROWS`` rows at a time and only in the
+    groups of rows that hold a marked one; a block without such rows pays one comparison. Zero rows
+    (``size = squared = 0``) and non-finite sums are not flagged. Norms are ``sqrt(max(·, 0))``.
     """
-    flagged = mask_m & (size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared)
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask = rows < d_out
+    flagged = mask & (size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared)
+    tl.store(out_ptr + rows, tl.where(flagged, -1.0, tl.sqrt_rn(tl.maximum(squared, 0.0))), mask=mask)
     if tl.sum(flagged.to(tl.int32), axis=0) > 0:
-        dense = _dense_row_squares(
-            w_ptr, a_ptr, b_ptr, rows, flagged, d_in, r, s,
-            stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-            BLOCK_M, BLOCK_K, BLOCK_R, DENSE_UPCAST,
-        )
-        squared = tl.where(flagged, dense, squared)
-    tl.store(out_ptr + rows, tl.sqrt_rn(tl.maximum(squared, 0.0)), mask=mask_m)
+        tl.debug_barrier()  # the marks are visible to every thread of the program
+        for group in range(0, BLOCK_M, DENSE_ROWS):
+            group_rows = (row_start + group + tl.arange(0, DENSE_ROWS)).to(tl.int64)
+            group_mask = group_rows < d_out
+            marked = group_mask & (tl.load(out_ptr + group_rows, mask=group_mask, other=0.0) < 0.0)
+            if tl.sum(marked.to(tl.int32), axis=0) > 0:
+                dense = _dense_row_squares(
+                    w_ptr, a_ptr, b_ptr, group_rows, marked, d_in, r, s,
+                    stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+                    DENSE_ROWS, BLOCK_K, BLOCK_R, DENSE_UPCAST,
+                )
+                tl.store(out_ptr + group_rows, tl.sqrt_rn(tl.maximum(dense, 0.0)), mask=marked)
 
 
 @triton.jit
@@ -271,6 +281,7 @@ def _norm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    DENSE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     DENSE_UPCAST: tl.constexpr,
@@ -372,9 +383,9 @@ def _norm_kernel(
 
     if SINGLE_PART:
         _finish_rows(
-            squared, size, out_ptr, w_ptr, a_ptr, b_ptr, rows, mask_m, d_in, r, s,
+            squared, size, out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
             stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-            AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_UPCAST,
+            AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
         )
     else:
         num_parts = num_n * num_k
@@ -387,9 +398,9 @@ def _norm_kernel(
             _finish_rows(
                 column_sums(partial_ptr, stride_pn, num_parts, offs_m, mask_m, BLOCK_P, BLOCK_M),
                 column_sums(partial_ptr + stride_pt, stride_pn, num_parts, offs_m, mask_m, BLOCK_P, BLOCK_M),
-                out_ptr, w_ptr, a_ptr, b_ptr, rows, mask_m, d_in, r, s,
+                out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
                 stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-                AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_UPCAST,
+                AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
             )
 
 
@@ -584,6 +595,7 @@ def weight_norm(
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
         BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
+        DENSE_ROWS=min(16, cfg.block_m),
         EVEN_K=d_in % cfg.block_k == 0,
         UPCAST=upcast or (split_g and interpreting),
         DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
