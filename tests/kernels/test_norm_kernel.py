@@ -130,6 +130,21 @@ def _relative_errors(got, weight, lora_A, lora_B, scaling, fan_in_fan_out):
 
 
 _SPLIT = norm.NormConfig(16, 16, 16, 4, 1, split_k=3)  # 3 column blocks x 3 d_in slices: the counter path
+# How far the kernel's dense recomputation may be from the float32 dense form: both are fp32 on the CPU;
+# on the GPU the kernel multiplies float32 in tf32x3 (about fp32 accuracy, other rounding).
+_DENSE_FACTOR = 2.0 if SMALL_SHAPE_DEVICE == "cpu" else 8.0
+# Relative error per unit of amplification of the factored float32 norm: fp32 products under the
+# interpreter, tf32x3 on the GPU (docs/behaviour.md).
+_FACTORED_EPS = torch.finfo(torch.float32).eps if SMALL_SHAPE_DEVICE == "cpu" else 1e-5
+
+
+def _assert_same_rows(got, expected):
+    """Bit-for-bit on the CPU; on the GPU two compilations of the kernel (another constexpr) may
+    schedule the same arithmetic differently."""
+    if got.device.type == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("config", [None, _SPLIT], ids=["single-part", "split"])
@@ -146,11 +161,11 @@ def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype, mo
     weight, lora_A, lora_B = _cancelling(33, 130, 37, dtype, fan_in_fan_out, 1.5, remainder, rows)
     got = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=config)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 1.5, fan_in_fan_out)
-    assert ours[rows].max() <= 2 * dense[rows].max() + 1e-6, (ours[rows], dense[rows])
+    assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-6, (ours[rows], dense[rows])
     monkeypatch.setattr(norm, "AMPLIFICATION_LIMIT", float("inf"))
     factored = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=config)
     others = [i for i in range(33) if i not in rows]
-    assert torch.equal(factored[others], got[others])
+    _assert_same_rows(factored[others], got[others])
     if dtype == torch.float32:  # bf16 inputs: sums of exact bf16 products stay (nearly) exact in fp32 here
         assert _relative_errors(factored, weight, lora_A, lora_B, 1.5, fan_in_fan_out)[0][rows].max() > 1e-2
 
@@ -161,14 +176,15 @@ def test_moderate_cancellation_stays_factored(monkeypatch):
     weight, lora_A, lora_B = _cancelling(33, 64, 8, torch.float32, False, 2.0, 0.1, rows, seed=9)
     got = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
     monkeypatch.setattr(norm, "AMPLIFICATION_LIMIT", float("inf"))
-    assert torch.equal(norm.weight_norm(weight, lora_A, lora_B, 2.0, False), got)
+    _assert_same_rows(norm.weight_norm(weight, lora_A, lora_B, 2.0, False), got)
     ours, _ = _relative_errors(got, weight, lora_A, lora_B, 2.0, False)
-    assert ours.max() < 2 * torch.finfo(torch.float32).eps * 400
+    assert ours.max() < 2 * _FACTORED_EPS * 400
 
 
 def test_launches(monkeypatch):
-    """One Gram launch, one preparation launch (G's finish and the zeroed counters), one main launch;
-    no preparation where there is nothing to prepare (one partial per row, one Gram split, fp32 ``B``)."""
+    """One Gram launch (Triton, or cuBLAS for 16-bit A on CUDA), one preparation launch (G's finish and
+    the zeroed counters), one main launch; no preparation where there is nothing to prepare (one
+    partial per row, one Gram split, fp32 ``B``)."""
     launched = []
     original = norm.launchable
 
@@ -179,7 +195,8 @@ def test_launches(monkeypatch):
     monkeypatch.setattr(norm, "launchable", counting)
     weight, lora_A, lora_B = _make(33, 130, 37, torch.bfloat16, False, seed=6)
     norm.weight_norm(weight, lora_A, lora_B, 0.9, False, config=_SPLIT)
-    assert launched == ["_gram_kernel", "_prepare_kernel", "_norm_kernel"]
+    gram = [] if weight.is_cuda else ["_gram_kernel"]  # bf16 A on CUDA: cuBLAS
+    assert launched == [*gram, "_prepare_kernel", "_norm_kernel"]
     launched.clear()
     weight, lora_A, lora_B = _make(9, 32, 6, torch.float32, False, seed=3)
     norm.weight_norm(weight, lora_A, lora_B, 0.5, False)
@@ -268,7 +285,7 @@ def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_o
     weight, lora_A, lora_B = _cancelling(d_out, d_in, r, dtype, fan_in_fan_out, 2.0, remainder, rows, device="cuda")
     got = norm.weight_norm(weight, lora_A, lora_B, 2.0, fan_in_fan_out)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 2.0, fan_in_fan_out)
-    assert ours[rows].max() <= 2 * dense[rows].max() + 1e-5, (ours[rows], dense[rows])
+    assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-5, (ours[rows], dense[rows])
     others = torch.ones(d_out, dtype=torch.bool)
     others[rows] = False
     assert ours[others].max() < 1e-3
