@@ -1,9 +1,10 @@
 """Benchmark the dora_fx Triton kernels against PEFT's ops, Inductor and the hardware ceilings.
 
-    python benchmarks/bench_kernels.py [--quick] [--variants] [--out benchmarks/results/kernels.json]
+    python benchmarks/bench_kernels.py [--quick] [--norm-only] [--variants] [--out benchmarks/results/kernels.json]
 
 Norm: PEFT's dense norm (``lora_B(lora_A(eye)).T``, then ``linalg.norm``), an eager factored norm in
-plain torch, the dora_fx kernel, and a plain ``W @ A.T`` GEMM as the reference point.
+plain torch, the dora_fx kernel (also with one cancelled row, which its dense fallback recomputes),
+and a plain ``W @ A.T`` GEMM as the reference point; with the GPU kernels each call runs (profiler).
 Compose: PEFT's eager ops, Inductor's fusion of those ops, and the dora_fx kernels; forward, and
 forward + backward (gradients for result, lora and magnitude, as in training).
 
@@ -116,25 +117,50 @@ def norm_inputs(d, r, seed=0):
     return weight, lora_A, lora_B
 
 
+def kernel_launches(fn) -> list[str]:
+    """Names of the GPU kernels (and memsets/copies) one call of ``fn`` runs, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def with_cancelled_row(weight, lora_A, lora_B, row=0):
+    """``weight`` with one row replaced by ``-s·B_i·A`` rounded to bf16: the factored sum cancels there,
+    so ``dora_fx`` recomputes that row's block densely (the cost of the cancellation fallback)."""
+    weight = weight.clone()
+    weight[row] = (-SCALING * (lora_B[row].float() @ lora_A.float())).to(weight.dtype)
+    return weight
+
+
 def bench_norm(d, r):
     weight, lora_A, lora_B = norm_inputs(d, r)
+    cancelled = with_cancelled_row(weight, lora_A, lora_B)
     fns = {
         "peft_dense": lambda: peft_dense_norm(weight, lora_A, lora_B, SCALING),
         "eager_factored": lambda: eager_factored_norm(weight, lora_A, lora_B, SCALING),
         "dora_fx": lambda: norm_k.weight_norm(weight, lora_A, lora_B, SCALING, False),
+        "dora_fx_1_cancel": lambda: norm_k.weight_norm(cancelled, lora_A, lora_B, SCALING, False),
         "gemm_W_At": lambda: weight @ lora_A.T,
     }
     ref = peft_dense_norm(weight.float(), lora_A.float(), lora_B.float(), SCALING)
     err = ((fns["dora_fx"]() - ref).norm() / ref.norm()).item()
+    ref_cancelled = peft_dense_norm(cancelled.double(), lora_A.double(), lora_B.double(), SCALING)
+    err_cancelled_row = (fns["dora_fx_1_cancel"]()[0].double() - ref_cancelled[0]).abs().item() / ref_cancelled[0].item()
     rows = []
     for name, fn in fns.items():
         ms = bench(fn)
+        launches = kernel_launches(fn)
         rows.append(
             dict(
                 op="norm", impl=name, d=d, r=r, ms=ms, graph_ms=bench_graph(fn), transient_mib=transient_bytes(fn) / 2**20,
                 gbps=_nbytes((weight, lora_A, lora_B)) / ms / 1e6,
                 tflops=2 * d * d * r / ms / 1e9,
+                launches=len(launches), kernels=launches,
                 rel_err_vs_fp32_dense=err if name == "dora_fx" else None,
+                rel_err_cancelled_row_vs_fp64=err_cancelled_row if name == "dora_fx_1_cancel" else None,
             )
         )
     return rows
@@ -239,11 +265,15 @@ def _table(rows, copy_gbps):
     lines = []
     norm_rows = [r for r in rows if r["op"] == "norm"]
     if norm_rows:
-        lines.append(f"{'norm d':>8} {'r':>4} {'impl':>15} {'ms':>8} {'graph ms':>8} {'TFLOP/s':>8} {'MiB':>8}")
+        lines.append(
+            f"{'norm d':>8} {'r':>4} {'impl':>16} {'ms':>8} {'graph ms':>8} {'TFLOP/s':>8} {'MiB':>8} {'launches':>8} {'x W@At':>7}"
+        )
+        gemm = {(r["d"], r["r"]): r["ms"] for r in norm_rows if r["impl"] == "gemm_W_At"}
         for r in norm_rows:
             graph = f"{r['graph_ms']:>8.4f}" if r["graph_ms"] is not None else f"{'-':>8}"
             lines.append(
-                f"{r['d']:>8} {r['r']:>4} {r['impl']:>15} {r['ms']:>8.4f} {graph} {r['tflops']:>8.1f} {r['transient_mib']:>8.1f}"
+                f"{r['d']:>8} {r['r']:>4} {r['impl']:>16} {r['ms']:>8.4f} {graph} {r['tflops']:>8.1f} {r['transient_mib']:>8.1f}"
+                f" {r['launches']:>8} {r['ms'] / gemm[r['d'], r['r']]:>7.2f}"
             )
     comp = [r for r in rows if r["op"].startswith("compose_") and "impl" in r]
     if comp:
@@ -267,6 +297,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="reduced grid: d=8192, r in {16, 384}, tokens 4096")
     parser.add_argument("--variants", action="store_true", help="also time alternative compose tile configs")
     parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--norm-only", action="store_true", help="only the norm rows (no compose)")
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -294,11 +325,11 @@ def main(argv=None):
     for d in ds:
         for r in ranks:
             rows += bench_norm(d, r)
-            print(json.dumps(rows[-2]), flush=True)
-    for d in ds:
+            print(json.dumps([row for row in rows[-5:] if row["impl"].startswith("dora_fx")]), flush=True)
+    for d in ds if not args.norm_only else []:
         for tokens in token_counts:
             rows += bench_compose(tokens, d, with_inductor=not args.no_inductor, ops_available=ops_available)
-    if args.variants:
+    if args.variants and not args.norm_only:
         CC = compose_k.ComposeConfig
         rows += compose_variants(4096, 8192, [
             CC(16, 256, 4, 2), CC(16, 256, 4, 4), CC(16, 256, 4, 8), CC(16, 256, 4, 16), CC(32, 256, 8, 4), CC(8, 512, 4, 4),

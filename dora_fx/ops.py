@@ -84,19 +84,35 @@ def _no_gradient(ctx, *grads):
 weight_norm.register_autograd(_no_gradient)
 
 
-@torch.library.custom_op("dora_fx::cached_weight_norm", mutates_args=())
+# ``cached_weight_norm`` is defined with the plain ``torch.library.Library`` API rather than
+# ``custom_op``: on a cache hit the op's own work is a dict lookup and a copy, and custom_op's Python
+# layers (autograd wrapper, Dynamo guard, aliasing checks) cost more than that on every call.
+# It has no autograd kernel: the rewrite calls it only in graphs that compute no gradients. Called
+# with gradients enabled on inputs that require them, its output gets PyTorch's autograd fallback
+# (no gradient flows through it; differentiating it warns), as PEFT's detached norm gets none.
+_lib = torch.library.Library("dora_fx", "FRAGMENT")
+_lib.define(
+    "cached_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, bool fan_in_fan_out) -> Tensor"
+)
+
+
 def cached_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    hit = norm_cache.lookup(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    if hit is not None:
+        return hit
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
-    return norm_cache.cached_or_compute(weight_norm, weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    with torch.no_grad():
+        norm = weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    return norm_cache.store(weight, lora_A, lora_B, scaling, fan_in_fan_out, norm)
 
 
-@cached_weight_norm.register_fake
+_lib.impl("cached_weight_norm", cached_weight_norm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dora_fx::cached_weight_norm", lib=_lib)
 def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     d_out, _ = _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
     return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
-
-
-cached_weight_norm.register_autograd(_no_gradient)
 
 
 @torch.library.triton_op("dora_fx::compose", mutates_args=())

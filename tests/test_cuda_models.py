@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-DORA_KERNELS = ("_norm_partial_kernel", "_compose_kernel", "_compose_backward_kernel")
+DORA_KERNELS = ("_norm_kernel", "_compose_kernel", "_compose_backward_kernel")
 
 
 def _cuda_example(name: str, **kwargs):

@@ -104,3 +104,54 @@ def test_writes_through_dot_data_need_clear(norm_calls):
         assert not torch.allclose(compiled(x), model(x))
     norm_cache.clear()
     _check(compiled, model, x)
+
+
+def _tensors(requires_grad=False):
+    gen = torch.Generator().manual_seed(3)
+    weight, lora_A, lora_B = (torch.randn(*s, generator=gen) for s in ((12, 10), (3, 10), (12, 3)))
+    return weight, lora_A.requires_grad_(requires_grad), lora_B.requires_grad_(requires_grad)
+
+
+def test_each_hit_returns_its_own_tensor(norm_calls):
+    """The caller may write into the norm it gets (Inductor reuses buffers): the cache must not change."""
+    weight, lora_A, lora_B = _tensors(requires_grad=True)
+    with torch.no_grad():
+        first = torch.ops.dora_fx.cached_weight_norm(weight, lora_A, lora_B, 2.0, False)
+        expected = first.clone()
+        first.zero_()
+        second = torch.ops.dora_fx.cached_weight_norm(weight, lora_A, lora_B, 2.0, False)
+    assert len(norm_calls) == 1
+    torch.testing.assert_close(second, expected)
+    assert second.data_ptr() != first.data_ptr() and not second.requires_grad
+
+
+def test_scaling_and_layout_are_part_of_the_key(norm_calls):
+    weight, lora_A, lora_B = _tensors()
+    square = torch.randn(10, 10)
+    for scaling, w, fan_in_fan_out in ((2.0, weight, False), (0.5, weight, False), (2.0, square, False), (2.0, square, True)):
+        a = lora_A
+        b = lora_B if w is weight else torch.randn(10, 3)
+        got = torch.ops.dora_fx.cached_weight_norm(w, a, b, scaling, fan_in_fan_out)
+        w_rows = w.T if fan_in_fan_out else w
+        torch.testing.assert_close(got, torch.linalg.norm(w_rows + scaling * b @ a, dim=1))
+    assert len(norm_calls) == 4
+
+
+def test_inference_tensors_are_computed_every_call(norm_calls):
+    """Inference tensors have no version counter, so nothing is cached for them."""
+    with torch.inference_mode():
+        weight, lora_A, lora_B = _tensors()
+        for _ in range(2):
+            torch.ops.dora_fx.cached_weight_norm(weight, lora_A, lora_B, 2.0, False)
+    assert len(norm_calls) == 2
+
+
+def test_bad_inputs_are_rejected_on_a_miss():
+    weight, lora_A, lora_B = _tensors()
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        torch.ops.dora_fx.cached_weight_norm(weight, lora_A[:, :-1], lora_B, 2.0, False)
+
+
+def test_opcheck():
+    norm_cache.clear()
+    torch.library.opcheck(torch.ops.dora_fx.cached_weight_norm.default, (*_tensors(), 2.0, False))

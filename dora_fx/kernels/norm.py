@@ -3,29 +3,46 @@
 ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, U_i> + s²<B_i, (B G)_i>`` with ``U = W Aᵀ [d_out, r]`` and
 ``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed.
 
-Launch plan (``weight_norm``):
+Launch plan (``weight_norm``), three launches at most:
 
 1. ``G = A Aᵀ`` in float32: cuBLAS with float32 output for 16-bit ``A`` on CUDA, else
    ``_gram_kernel`` (split over ``d_in``; only the upper triangle of tiles is computed).
-   ``_gram_finish_kernel`` sums the splits and, for a bf16 ``B``, stores ``G`` as two bf16 halves.
-2. ``_norm_partial_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows, ``BLOCK_N``
-   columns of ``U`` and a slice of ``d_in`` (split-K when ``d_out·r`` alone gives too few programs;
-   the cross term ``<B_i, U_i>`` is linear in ``U``, so slices add up). Its K loop accumulates ``U``
-   with ``tl.dot`` (fp32 accumulation) and, for a round-robin share of the K steps, the row sums of
-   ``W²`` from the same tile, so the column programs of one row block split that work evenly and
-   ``W`` is read from HBM once. Its epilogue adds ``<B_i, 2s·U_i + s²·(B G)_i>`` over its columns
-   (the ``B G`` term once, from the first slice) and writes one partial squared norm per row.
-3. ``_norm_finalize_kernel``: sums the partials of each row, clamps at zero, takes the square root
-   (skipped when a single program per row block already finished the job).
+2. ``_prepare_kernel``: sums the Gram splits and, for a bf16 ``B``, stores ``G`` as two bf16 halves;
+   zeroes one arrival counter per row block for step 3. Skipped when there is nothing to prepare
+   (one Gram split, no bf16 ``B``, one program per row block).
+3. ``_norm_kernel``: one pass over ``W``. A program owns ``BLOCK_M`` rows, ``BLOCK_N`` columns of
+   ``U`` and a slice of ``d_in`` (split-K when ``d_out·r`` alone gives too few programs; the cross
+   term ``<B_i, U_i>`` is linear in ``U``, so slices add up). Its K loop accumulates ``U`` with
+   ``tl.dot`` (fp32 accumulation) and, for a round-robin share of the K steps, the row sums of ``W²``
+   from the same tile, so the column programs of one row block split that work evenly and ``W`` is
+   read from HBM once. Its epilogue adds ``<B_i, 2s·U_i + s²·(B G)_i>`` over its columns (the
+   ``B G`` rows shared out among the ``d_in`` slices) and writes partial squared norms; the last
+   program of a row block to finish (an atomic counter) sums that block's partials in a fixed order,
+   recomputes densely the rows whose factored sum cancelled (``_finish_rows``), clamps at zero and
+   takes the square root.
 
-Triton 3.6 on an H200 gave run-to-run differences (a race) in two versions of the main kernel: one
-that split ``G`` into bf16 halves in registers inside the epilogue loop, and one with 128×256 tiles.
-The halves therefore come from memory (``_gram_finish_kernel``), and the tiles stay 128×128. The
-CUDA test ``test_cuda_run_to_run_identical`` guards this.
+Launches before this plan, bf16 at ``d = 8192, r = 384`` on an H200 (the issue #4 shape): four
+(cuBLAS ``G``, ``_gram_finish_kernel``, ``_norm_partial_kernel``, ``_norm_finalize_kernel``); now
+three (cuBLAS ``G``, ``_prepare_kernel``, ``_norm_kernel``). float32 ``A``: ``_gram_kernel``,
+``_prepare_kernel`` where needed, ``_norm_kernel``. The counters are the reason step 2 stays: they
+must be zero before step 3 starts, and a buffer kept zeroed across calls would be state shared by
+every call (streams, CUDA graphs, Inductor's buffer planning).
 
-Transient memory: the partial Gram sums, ``G`` and the ``[partials, d_out]`` squared norms, all
-float32; ``U`` never leaves registers. The Gram split is capped so that the total stays under
-``2·d_out·r·4`` bytes whenever ``r`` is well below ``d_out``.
+Results do not depend on the order in which programs finish: every sum has a fixed order, and the
+counter only decides which program does the final one (``test_cuda_run_to_run_identical``).
+
+Triton 3.6 on an H200 gave run-to-run differences (a race) in two earlier versions of the main
+kernel: one that split ``G`` into bf16 halves in registers inside the epilogue loop, and one with
+128×256 tiles. The halves therefore come from memory (``_prepare_kernel``), and the tiles stay 128×128.
+
+Transient memory: the partial Gram sums, ``G``, the counters and the ``[2, partials, d_out]`` partial
+sums, all 32-bit; ``U`` never leaves registers. The Gram split is capped so that the total stays
+under ``2·d_out·r·4`` bytes whenever ``r`` is well below ``d_out``.
+
+Cancellation (docs/behaviour.md): a row whose factored terms cancel, amplification
+``a_i = (||W_i||² + |2s<B_i, U_i>| + s²||(BA)_i||²) / norm_i²`` above ``AMPLIFICATION_LIMIT``, is
+recomputed as ``||W_i + s·B_i·A||²`` tile by tile in the finishing program, 16 rows at a time;
+blocks without such rows only pay a comparison.
 """
 
 from __future__ import annotations
@@ -115,31 +132,38 @@ def _gram_kernel(
 
 
 @triton.jit
-def _gram_finish_kernel(
+def _prepare_kernel(
     partial_ptr,
     g_ptr,
     g_lo_ptr,
+    counter_ptr,
     n_elements,
     splits,
+    n_counters,
     stride_ps,
+    FINISH_G: tl.constexpr,
     SPLIT_BF16: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``G = Σ_s P[s]`` over the flattened ``r × r`` Gram matrix, in float32.
+    """Everything ``_norm_kernel`` needs ready before it starts, in one launch.
 
-    With ``SPLIT_BF16`` it stores ``G_hi = bf16(G)`` to ``g_ptr`` and ``G_lo = bf16(G - G_hi)`` to
-    ``g_lo_ptr`` (``G_hi + G_lo`` carries about 16 bits of ``G``), else ``G`` itself to ``g_ptr``.
+    - With ``FINISH_G``: ``G = Σ_s P[s]`` over the flattened ``r × r`` Gram matrix, in float32. With
+      ``SPLIT_BF16`` it stores ``G_hi = bf16(G)`` to ``g_ptr`` and ``G_lo = bf16(G - G_hi)`` to
+      ``g_lo_ptr`` (``G_hi + G_lo`` carries about 16 bits of ``G``), else ``G`` itself to ``g_ptr``.
+    - Zeroes the ``n_counters`` arrival counters of ``_norm_kernel`` (one per row block).
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    g = column_sums(partial_ptr, stride_ps, splits, offs, mask, BLOCK_S, BLOCK)
-    if SPLIT_BF16:
-        g_hi = g.to(tl.bfloat16)
-        tl.store(g_ptr + offs, g_hi, mask=mask)
-        tl.store(g_lo_ptr + offs, (g - g_hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
-    else:
-        tl.store(g_ptr + offs, g, mask=mask)
+    tl.store(counter_ptr + offs, tl.zeros((BLOCK,), dtype=tl.int32), mask=offs < n_counters)
+    if FINISH_G:
+        mask = offs < n_elements
+        g = column_sums(partial_ptr, stride_ps, splits, offs, mask, BLOCK_S, BLOCK)
+        if SPLIT_BF16:
+            g_hi = g.to(tl.bfloat16)
+            tl.store(g_ptr + offs, g_hi, mask=mask)
+            tl.store(g_lo_ptr + offs, (g - g_hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(g_ptr + offs, g, mask=mask)
 
 
 @triton.jit
@@ -153,13 +177,89 @@ def _row_squares(w, w_ptrs, w_mask, OWN_LOAD: tl.constexpr):
 
 
 @triton.jit
-def _norm_partial_kernel(
+def _dense_row_squares(
+    w_ptr, a_ptr, b_ptr, rows, mask_m, d_in, r, s,
+    stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``Σ_k (W[i, k] + s·(B A)[i, k])²`` for the rows ``rows`` (where ``mask_m``): the dense form, one
+    ``[BLOCK_M, BLOCK_K]`` tile of ``B A`` at a time in registers (``r·BLOCK_K`` multiply-adds per row
+    and tile), summed in float32. Its error does not grow with cancellation between ``W`` and ``s·B A``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        cols = (k + offs_k).to(tl.int64)
+        mask_k = cols < d_in
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        ).to(tl.float32)
+        ba = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for j in range(0, r, BLOCK_R):
+            mask_r = (j + offs_r) < r
+            b = tl.load(
+                b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + (j + offs_r)[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=mask_r[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            ba = _mma(b, a, ba, UPCAST)
+        v = w + s * ba
+        total += tl.sum(v * v, axis=1)
+    return total
+
+
+@triton.jit
+def _finish_rows(
+    squared, size, out_ptr, w_ptr, a_ptr, b_ptr, row_start, d_out, d_in, r, s,
+    stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    AMPLIFICATION_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DENSE_ROWS: tl.constexpr,
+    DENSE_UPCAST: tl.constexpr,
+):
+    """Stores the norms of rows ``row_start + [0, BLOCK_M)`` from their factored squared norm
+    ``squared`` and its non-negative part ``size = ||W_i||² + s²||(B A)_i||²``.
+
+    ``|2s<B_i, U_i>| = |squared - size|``, so ``a_i = (size + |squared - size|) / squared`` is the
+    amplification of rounding errors by cancellation. Rows with ``a_i > AMPLIFICATION_LIMIT`` (or a
+    non-positive ``squared`` next to a positive ``size``) are marked ``-1`` in ``out`` and then
+    recomputed densely by :func:`_dense_row_squares`, ``DENSE_ROWS`` rows at a time and only in the
+    groups of rows that hold a marked one; a block without such rows pays one comparison. Zero rows
+    (``size = squared = 0``) and non-finite sums are not flagged. Norms are ``sqrt(max(·, 0))``.
+    """
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask = rows < d_out
+    flagged = mask & (size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared)
+    tl.store(out_ptr + rows, tl.where(flagged, -1.0, tl.sqrt_rn(tl.maximum(squared, 0.0))), mask=mask)
+    if tl.sum(flagged.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()  # the marks are visible to every thread of the program
+        for group in range(0, BLOCK_M, DENSE_ROWS):
+            group_rows = (row_start + group + tl.arange(0, DENSE_ROWS)).to(tl.int64)
+            group_mask = group_rows < d_out
+            marked = group_mask & (tl.load(out_ptr + group_rows, mask=group_mask, other=0.0) < 0.0)
+            if tl.sum(marked.to(tl.int32), axis=0) > 0:
+                dense = _dense_row_squares(
+                    w_ptr, a_ptr, b_ptr, group_rows, marked, d_in, r, s,
+                    stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+                    DENSE_ROWS, BLOCK_K, BLOCK_R, DENSE_UPCAST,
+                )
+                tl.store(out_ptr + group_rows, tl.sqrt_rn(tl.maximum(dense, 0.0)), mask=marked)
+
+
+@triton.jit
+def _norm_kernel(
     w_ptr,
     a_ptr,
     b_ptr,
     g_ptr,
     g_lo_ptr,
     partial_ptr,
+    counter_ptr,
+    out_ptr,
     d_out,
     d_in,
     r,
@@ -173,33 +273,47 @@ def _norm_partial_kernel(
     stride_br,
     stride_gi,
     stride_gj,
+    stride_pt,
     stride_pn,
+    AMPLIFICATION_LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    DENSE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    DENSE_UPCAST: tl.constexpr,
     SPLIT_G_BF16: tl.constexpr,
     ROUND_ROBIN_SQUARES: tl.constexpr,
     SQUARES_OWN_LOAD: tl.constexpr,
-    FINAL: tl.constexpr,
+    SINGLE_PART: tl.constexpr,
 ):
-    """Partial squared row norms of ``W + s·B·A`` for a tile of rows ``M``, LoRA columns ``N`` and
-    a slice ``K`` of ``d_in``.
+    """Row norms of ``W + s·B·A`` from tiles of rows ``M``, LoRA columns ``N`` and a slice ``K`` of
+    ``d_in``, finished in the same launch.
 
     With ``U_K = W[:, K] A[:, K]ᵀ`` accumulated by ``tl.dot`` (``W`` read in its stored layout
-    through ``stride_wm``/``stride_wk``), the program writes, for each row ``i`` of its block,
+    through ``stride_wm``/``stride_wk``), program ``(m, n, k)`` computes, for each row ``i`` of its block,
 
-        P[(k, n), i] = Σ_{K steps t of its share} W[i, t]²  +  Σ_{j ∈ N} B[i, j]·(2s·U_K[i, j] + [k = 0]·s²·(B G)[i, j])
+        T[(k, n), i] = Σ_{K steps t of its share} W[i, t]²  +  Σ_{j ∈ N} B[i, j]·(2s·U_K[i, j] + s²·(B G_k)[i, j])
+        S[(k, n), i] = the same without the ``2s·U_K`` term,
 
-    Each of the ``cdiv(r, BLOCK_N)`` column programs of a ``(M, K)`` tile squares every
-    ``num_n``-th K step of ``W`` (``ROUND_ROBIN_SQUARES``; otherwise column block 0 squares all of
-    them), so the sum of ``P`` over ``(k, n)`` is ``||W_i + s(BA)_i||²``. ``(B G)[:, N]`` runs on
-    tensor cores: with ``SPLIT_G_BF16``, ``G = G_hi + G_lo`` (``g_ptr``, ``g_lo_ptr``, both bf16, about
-    16 bits of ``G``) against the bf16 ``B``; otherwise fp32 ``G`` at ``g_ptr`` in a ``tf32x3`` product.
+    where ``G_k`` holds the rows ``j`` of ``G`` in the ``BLOCK_R`` chunks ``k, k + num_k, ...`` (the
+    ``B G`` work is shared by the ``d_in`` slices instead of falling on the first one). Each of the
+    ``cdiv(r, BLOCK_N)`` column programs of a ``(M, K)`` tile squares every ``num_n``-th K step of ``W``
+    (``ROUND_ROBIN_SQUARES``; otherwise column block 0 squares all of them). So ``Σ T`` over ``(k, n)``
+    is ``||W_i + s(BA)_i||²`` and ``Σ S`` is ``||W_i||² + s²||(BA)_i||²``. ``(B G)[:, N]`` runs on tensor
+    cores: with ``SPLIT_G_BF16``, ``G = G_hi + G_lo`` (``g_ptr``, ``g_lo_ptr``, both bf16, about 16
+    bits of ``G``) against the bf16 ``B``; otherwise fp32 ``G`` at ``g_ptr`` in a ``tf32x3`` product.
     ``SQUARES_OWN_LOAD`` squares a second load of the ``W`` tile instead of the one fed to ``tl.dot``.
-    ``FINAL`` (a single partial per row) stores ``sqrt(max(P, 0))`` directly.
+
+    Finish: with ``SINGLE_PART`` (one program per row block) the program finishes its rows itself.
+    Otherwise each program stores ``T`` and ``S`` to ``partial_ptr`` (planes ``stride_pt`` apart) and
+    bumps its row block's counter (zeroed by ``_prepare_kernel``); the program that arrives last sums
+    the partials of the block in a fixed order (so the result does not depend on arrival order) and
+    finishes the rows with :func:`_finish_rows` (clamp, square root, dense recomputation of rows
+    whose factored sum cancelled).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(r, BLOCK_N)
@@ -240,51 +354,59 @@ def _norm_partial_kernel(
     if not ROUND_ROBIN_SQUARES:
         w_sq = tl.where(pid_n == 0, w_sq, 0.0)
 
-    # Epilogue: 2s·U_K, plus s²·(B G)[M, N] = s²·Σ_j B[M, j] G[j, N] once per (M, N) tile.
+    # Epilogue: s²·(B G_k)[M, N] = s²·Σ_{j in this slice's chunks} B[M, j] G[j, N], then the row terms.
     s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
-    contrib = (2.0 * s) * acc
-    if pid_k == 0:
-        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        offs_r = tl.arange(0, BLOCK_R)
-        for j in range(0, r, BLOCK_R):
-            mask_r = (j + offs_r) < r
-            b = tl.load(
-                b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
-                mask=mask_m[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            g_offs = (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj
-            g_mask = mask_r[:, None] & mask_n[None, :]
-            g = tl.load(g_ptr + g_offs, mask=g_mask, other=0.0)
-            if SPLIT_G_BF16:
-                bg = _mma(b, g, bg, UPCAST)
-                bg = _mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
-            else:
-                bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
-        contrib += (s * s) * bg
+    bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for j in range(pid_k * BLOCK_R, r, num_k * BLOCK_R):
+        mask_r = (j + offs_r) < r
+        b = tl.load(
+            b_ptr + rows[:, None] * stride_bm + (j + offs_r)[None, :] * stride_br,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        g_offs = (j + offs_r)[:, None] * stride_gi + offs_n[None, :] * stride_gj
+        g_mask = mask_r[:, None] & mask_n[None, :]
+        g = tl.load(g_ptr + g_offs, mask=g_mask, other=0.0)
+        if SPLIT_G_BF16:
+            bg = _mma(b, g, bg, UPCAST)
+            bg = _mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
+        else:
+            bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
     b_n = tl.load(
         b_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_br,
         mask=mask_m[:, None] & mask_n[None, :],
         other=0.0,
     ).to(tl.float32)
-    squared = w_sq + tl.sum(b_n * contrib, axis=1)
-    if FINAL:
-        squared = tl.sqrt_rn(tl.maximum(squared, 0.0))
-    tl.store(partial_ptr + (pid_k * num_n + pid_n) * stride_pn + offs_m, squared, mask=mask_m)
+    size = w_sq + tl.sum(b_n * ((s * s) * bg), axis=1)
+    squared = size + tl.sum(b_n * ((2.0 * s) * acc), axis=1)
 
-
-@triton.jit
-def _norm_finalize_kernel(partial_ptr, out_ptr, d_out, num_parts, stride_pn, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[i] = sqrt(max(Σ_n P[n, i], 0))``: the clamp absorbs cancellation below zero."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < d_out
-    total = column_sums(partial_ptr, stride_pn, num_parts, offs, mask, BLOCK_P, BLOCK)
-    tl.store(out_ptr + offs, tl.sqrt_rn(tl.maximum(total, 0.0)), mask=mask)
+    if SINGLE_PART:
+        _finish_rows(
+            squared, size, out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
+            stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+            AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+        )
+    else:
+        num_parts = num_n * num_k
+        part = pid_k * num_n + pid_n
+        tl.store(partial_ptr + part * stride_pn + offs_m, squared, mask=mask_m)
+        tl.store(partial_ptr + stride_pt + part * stride_pn + offs_m, size, mask=mask_m)
+        tl.debug_barrier()  # every thread's stores precede the release below
+        if tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel") == num_parts - 1:
+            tl.debug_barrier()  # the acquire above precedes every thread's loads of the partials
+            _finish_rows(
+                column_sums(partial_ptr, stride_pn, num_parts, offs_m, mask_m, BLOCK_P, BLOCK_M),
+                column_sums(partial_ptr + stride_pt, stride_pn, num_parts, offs_m, mask_m, BLOCK_P, BLOCK_M),
+                out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
+                stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+                AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-    """Tile shape and launch options of ``_norm_partial_kernel``.
+    """Tile shape and launch options of ``_norm_kernel``.
 
     ``split_k`` cuts ``d_in`` into that many slices of whole ``block_k`` steps (more programs for
     small ``d_out·r``); ``block_r`` is the inner tile of ``B G`` (``None``: up to 64).
@@ -373,28 +495,9 @@ def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: 
     return partial
 
 
-def _gram(
-    lora_A: torch.Tensor, upcast: bool, split_bf16: bool, n_sm: int, interpreting: bool, max_splits: int = 64
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``G = A Aᵀ``, finished by ``_gram_finish_kernel``: ``(G_hi, G_lo)`` in bf16 when ``split_bf16``,
-    else ``(G, None)`` in float32. At most ``max_splits`` partial sums are held at once."""
-    partial = _gram_partials(lora_A, upcast, n_sm, interpreting, max_splits)
-    splits, r, _ = partial.shape
-    device = lora_A.device
-    if split_bf16:
-        gram = torch.empty((r, r), dtype=torch.bfloat16, device=device)
-        gram_lo = torch.empty_like(gram)
-    else:
-        if splits == 1:
-            return partial[0], None
-        gram, gram_lo = torch.empty((r, r), dtype=torch.float32, device=device), None
-    block_s = min(32, triton.next_power_of_2(splits))
-    block = max(32, 4096 // block_s)
-    launchable(_gram_finish_kernel, partial)[(triton.cdiv(r * r, block),)](
-        partial, gram, gram_lo, r * r, splits, partial.stride(0),
-        SPLIT_BF16=split_bf16, BLOCK_S=block_s, BLOCK=block, num_warps=4,
-    )
-    return gram, gram_lo
+# Rows whose factored sum amplifies rounding errors more than this are recomputed densely (see
+# ``_finish_rows``): fp32 keeps at least ``-log2(eps · limit)`` ≈ 13 bits of their squared norm.
+AMPLIFICATION_LIMIT = 1024.0
 
 
 def weight_norm(
@@ -422,30 +525,55 @@ def weight_norm(
     cfg = config or norm_config(d_out, d_in, r, device)
     block_r = cfg.block_r or min(64, _pow2_at_least(r))
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
-
     upcast = _needs_upcast(weight.dtype, lora_A.dtype, interpreting)
     split_g = lora_B.dtype == torch.bfloat16
-    # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
-    gram, gram_lo = _gram(
-        lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), split_g, num_sms(device, default=4), interpreting,
-        max_splits=min(64, d_out // r - 1),
-    )
 
     num_n = triton.cdiv(r, cfg.block_n)
     k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.block_k), cfg.split_k) * cfg.block_k
-    num_k = triton.cdiv(d_in, k_per_split)
+    num_parts = num_n * triton.cdiv(d_in, k_per_split)
+    num_m = triton.cdiv(d_out, cfg.block_m)
+
+    # Partial Gram sums and G stay within about d_out·r floats: at most d_out // r - 1 splits.
+    gram_partial = _gram_partials(
+        lora_A, _needs_upcast(lora_A.dtype, lora_A.dtype, interpreting), num_sms(device, default=4), interpreting,
+        max_splits=max(1, min(64, d_out // r - 1)),
+    )
+    gram_splits = gram_partial.shape[0]
+    finish_g = split_g or gram_splits > 1
+    if split_g:
+        gram = torch.empty((r, r), dtype=torch.bfloat16, device=device)
+        gram_lo = torch.empty_like(gram)
+    elif finish_g:
+        gram, gram_lo = torch.empty((r, r), dtype=torch.float32, device=device), None
+    else:
+        gram, gram_lo = gram_partial[0], None
+    single_part = num_parts == 1
+    # Unused (and left unset) with a single part; never empty, so that every pointer is a real one.
+    counters = torch.empty((num_m,), dtype=torch.int32, device=device)
+    if finish_g or not single_part:
+        block_s = min(32, triton.next_power_of_2(gram_splits))
+        block = max(32, 4096 // block_s)
+        n_counters = 0 if single_part else num_m
+        grid = (max(triton.cdiv(r * r if finish_g else 0, block), triton.cdiv(n_counters, block)),)
+        g_args = (gram_partial, gram, gram_lo) if finish_g else (None, None, None)  # no aliased arguments
+        launchable(_prepare_kernel, counters)[grid](
+            *g_args, counters, r * r, gram_splits, n_counters, gram_partial.stride(0),
+            FINISH_G=finish_g, SPLIT_BF16=split_g, BLOCK_S=block_s, BLOCK=block, num_warps=4,
+        )
+
     out = torch.empty((d_out,), dtype=torch.float32, device=device)
-    num_parts = num_n * num_k
-    partial = out.view(1, d_out) if num_parts == 1 else torch.empty((num_parts, d_out), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(d_out, cfg.block_m) * num_parts,)
+    partial = out.new_empty((2, num_parts, 1 if single_part else d_out))  # unused with a single part
+    grid = (num_m * num_parts,)
     log.debug("weight_norm d_out=%d d_in=%d r=%d config=%s grid=%s", d_out, d_in, r, cfg, grid)
-    launchable(_norm_partial_kernel, weight)[grid](
+    launchable(_norm_kernel, weight)[grid](
         weight,
         lora_A,
         lora_B,
         gram,
         gram_lo,
         partial,
+        counters,
+        out,
         d_out,
         d_in,
         r,
@@ -460,23 +588,22 @@ def weight_norm(
         gram.stride(0),
         gram.stride(1),
         partial.stride(0),
+        partial.stride(1),
+        AMPLIFICATION_LIMIT=AMPLIFICATION_LIMIT,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
+        BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
+        DENSE_ROWS=min(16, cfg.block_m),
         EVEN_K=d_in % cfg.block_k == 0,
         UPCAST=upcast or (split_g and interpreting),
+        DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
         SPLIT_G_BF16=split_g,
         ROUND_ROBIN_SQUARES=cfg.round_robin_squares,
         SQUARES_OWN_LOAD=cfg.squares_own_load,
-        FINAL=num_parts == 1,
+        SINGLE_PART=single_part,
         num_warps=cfg.num_warps,
         num_stages=1 if interpreting else cfg.num_stages,
     )
-    if num_parts > 1:
-        block_p = min(32, triton.next_power_of_2(num_parts))
-        block = max(32, 2048 // block_p)
-        launchable(_norm_finalize_kernel, partial)[(triton.cdiv(d_out, block),)](
-            partial, out, d_out, num_parts, partial.stride(0), BLOCK_P=block_p, BLOCK=block, num_warps=4
-        )
     return out

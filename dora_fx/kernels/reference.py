@@ -16,6 +16,14 @@ def norm_dtype(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor)
     return torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))
 
 
+# Rows whose factored sum amplifies rounding errors more than this get their squared norm recomputed
+# densely (the same limit as the Triton kernel, ``dora_fx.kernels.norm.AMPLIFICATION_LIMIT``).
+AMPLIFICATION_LIMIT = 1024.0
+# The reference recomputes at most this many rows per call (the most amplified ones): a fixed number,
+# so that the math has static shapes and Inductor can trace it.
+DENSE_FALLBACK_ROWS = 32
+
+
 def weight_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -28,22 +36,44 @@ def weight_norm(
     ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, (W Aᵀ)_i> + s²<B_i, (B G)_i>`` with ``G = A Aᵀ``.
     Everything is accumulated in float32 (float64 inputs stay float64); the squared norm is clamped
     at zero before the square root because cancellation can push it slightly negative.
+
+    Cancellation: with ``size_i = ||W_i||² + s²<B_i, (B G)_i>`` (non-negative), the terms' absolute
+    values add up to ``size_i + |squared_i - size_i|``; over ``squared_i`` that is the amplification
+    ``a_i`` of rounding errors. Of the rows with ``a_i > AMPLIFICATION_LIMIT``, the
+    ``DENSE_FALLBACK_ROWS`` most amplified are recomputed in the dense form
+    ``||W_i + s·B_i A||²`` (``r·d_in`` multiply-adds per row); further ones keep the factored value.
     """
     acc = norm_dtype(weight, lora_A, lora_B)
     w = weight.to(acc)
     a = lora_A.to(acc)
     b = lora_B.to(acc)
-    if fan_in_fan_out:  # stored [d_in, d_out]: rows of Wᵀ are columns of w
-        w_sq = w.square().sum(dim=0)
-        u = (a @ w).T  # [d_out, r]
-    else:
-        w_sq = w.square().sum(dim=1)
-        u = w @ a.T  # [d_out, r]
+    w_rows = w.T if fan_in_fan_out else w  # [d_out, d_in] (a view when stored transposed)
+    w_sq = w_rows.square().sum(dim=1)
+    u = w_rows @ a.T  # [d_out, r]
     gram = a @ a.T  # [r, r]
     cross = (b * u).sum(dim=1)
     lora_sq = (b * (b @ gram)).sum(dim=1)
-    squared = w_sq + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
+    size = w_sq + (scaling * scaling) * lora_sq
+    squared = size + (2.0 * scaling) * cross
+    squared = _dense_fallback(squared, size, w_rows, a, b, scaling)
     return squared.clamp_min(0.0).sqrt()
+
+
+def _dense_fallback(
+    squared: torch.Tensor, size: torch.Tensor, w_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``squared`` with its most amplified rows (see :func:`weight_norm`) recomputed densely.
+
+    Static shapes throughout: a fixed number of candidate rows (``topk``), recomputed whether or not
+    they need it, and written back only where they do.
+    """
+    flagged = size + (squared - size).abs() > AMPLIFICATION_LIMIT * squared
+    # Flagged rows first, the most amplified first (a row with squared <= 0 < size counts as infinite).
+    amplification = torch.where(squared > 0, (size + (squared - size).abs()) / squared, torch.inf)
+    score = torch.where(flagged, amplification, -1.0)
+    rows = score.topk(min(DENSE_FALLBACK_ROWS, score.shape[0])).indices
+    dense = (w_rows[rows] + scaling * (b[rows] @ a)).square().sum(dim=1)
+    return squared.scatter(0, rows, torch.where(flagged[rows], dense, squared[rows]))
 
 
 def compose_dtype(
