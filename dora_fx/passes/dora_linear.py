@@ -355,7 +355,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         new_norm = graph.call_function(norm_op, norm_args)
     new_norm.meta.update(val=_norm_value(region), nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
-    meta = dict(nn_module_stack=out.meta.get("nn_module_stack", {}), stack_trace=out.meta.get("stack_trace"))
+    meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
     out_value = _compose_value(region)
     with graph.inserting_before(out):
         if _magnitude_needs_grad(region):
