@@ -32,9 +32,9 @@ def _saved_storages(fn, exclude) -> dict[int, tuple]:
     return kept
 
 
-def _output_sized(model, fn, dtype) -> list[tuple]:
+def _output_sized(model, fn, dtype, device="cpu") -> list[tuple]:
     """Shapes of the kept storages of the layer's output size ``[TOKENS, D_OUT]``."""
-    x = torch.randn(TOKENS, D_IN, dtype=dtype, requires_grad=True)
+    x = torch.randn(TOKENS, D_IN, dtype=dtype, device=device, requires_grad=True)
     fn(x).sum().backward()  # compile first: the hooks should see one step's tensors only
     kept = _saved_storages(lambda: fn(x), [x, *model.parameters()])
     return [shape for shape in kept.values() if shape and shape[-1] == D_OUT and shape[0] == TOKENS]
@@ -67,3 +67,14 @@ def test_frozen_magnitude_keeps_no_output_sized_tensor():
             p.requires_grad_(False)
     compiled = torch.compile(model, backend=dora_fx.DoraBackend(inner="eager"), fullgraph=True)
     assert _output_sized(model, compiled, torch.float32) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias, dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])
+def test_cuda_inductor_keeps_one_output_sized_tensor_per_layer(bias, dropout):
+    """On CUDA, with Inductor: the Triton kernels are opaque to its partitioner, so what it keeps for
+    the compose backward is exactly ``adapted``."""
+    model = sl.build(D_IN, D_OUT, bias=bias, dropout=dropout, dtype=torch.bfloat16).cuda().train()
+    compiled = torch.compile(model, backend=dora_fx.dora_backend, fullgraph=True)
+    assert _output_sized(model, compiled, torch.bfloat16, "cuda") == [(TOKENS, D_OUT)]
