@@ -19,11 +19,12 @@
     two; the rewrite uses it where the magnitude needs a gradient (training).
 
 On CUDA the ops launch the Triton kernels of :mod:`dora_fx.kernels`; elsewhere they run the
-reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose`` and
-``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them, so a
-compiled graph launches the kernels from Inductor's generated code (and, on the CPU, fuses the
-reference math) instead of calling back into Python. Each op validates its inputs, in eager calls
-and when traced with fake tensors, so a bad call fails with a message naming the problem.
+reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose``,
+``compose_with_adapted`` and ``compose_backward`` are ``torch.library.triton_op``s:
+``torch.compile`` traces through them, so a compiled graph launches the kernels from Inductor's
+generated code (and, on the CPU, fuses the reference math) instead of calling back into Python.
+Each op validates its inputs, in eager calls and when traced with fake tensors, so a bad call fails
+with a message naming the problem.
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ def _input_gradients(ctx, grad_out, adapted, magnitude, norm):
     if adapted is None:
         grad_main, grad_lora = reference.input_gradients(grad_out, magnitude, norm, *form)
     else:
-        grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(grad_out, adapted, magnitude, norm, *form)
+        grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+            grad_out, adapted, magnitude, norm, *form
+        )
     if ctx.base_given:
         return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
     grad_bias = None
@@ -195,7 +198,8 @@ def _compose_backward(ctx, grad_out):
     magnitude, norm, main, bias, lora = ctx.saved_tensors
     adapted = None
     if lora is not None:
-        adapted = reference.adapted(main, None, bias, lora, ctx.scaling, reference.compose_dtype(main, None, lora, magnitude))
+        dtype = reference.compose_dtype(main, None, lora, magnitude)
+        adapted = reference.adapted(main, None, bias, lora, ctx.scaling, dtype)
     return _input_gradients(ctx, grad_out, adapted, magnitude, norm)
 
 
@@ -215,4 +219,6 @@ def _compose_with_adapted_backward(ctx, grad_out, _grad_adapted):
     return _input_gradients(ctx, grad_out, adapted, magnitude, norm)
 
 
-compose_with_adapted.register_autograd(_compose_with_adapted_backward, setup_context=_compose_with_adapted_setup_context)
+compose_with_adapted.register_autograd(
+    _compose_with_adapted_backward, setup_context=_compose_with_adapted_setup_context
+)

@@ -306,7 +306,9 @@ def compose_backward(
     """``(grad_main, grad_lora, grad_magnitude)`` as :func:`reference.compose_backward`, in one pass
     over ``grad_out`` and ``adapted``; float64 inputs go to the reference math."""
     if _uses_float64(grad_out, adapted, magnitude, norm):
-        return reference.compose_backward(grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype)
+        return reference.compose_backward(
+            grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype
+        )
     n_cols = grad_out.shape[-1]
     n_rows = grad_out.numel() // n_cols if n_cols else 0
     grad_main, grad_main2 = _output_like(grad_out, main_dtype, n_rows, n_cols)

@@ -100,7 +100,8 @@ def _check_backward(t, grad_out, **kwargs):
     """The backward from ``adapted`` (as the forward kernel wrote it) against the reference math."""
     args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
     adapted = compose.compose_with_adapted(*args)[1]
-    form = (t["scaling"], t["base"] is not None, (t["result"] if t["base"] is None else t["base"]).dtype, t["lora"].dtype)
+    main = t["result"] if t["base"] is None else t["base"]
+    form = (t["scaling"], t["base"] is not None, main.dtype, t["lora"].dtype)
     _poison(grad_out.device, grad_out.numel() * 8)
     got = compose.compose_backward(grad_out, adapted, t["magnitude"], t["norm"], *form, **kwargs)
     same = reference.compose_backward(grad_out, adapted, t["magnitude"], t["norm"], *form)
@@ -210,7 +211,8 @@ def test_cuda_op_in_torch_compile_launches_the_kernels():
     magnitude = t["magnitude"].requires_grad_()
 
     def fn(result, lora, magnitude):  # what rewritten training graphs call
-        out, _ = torch.ops.dora_fx.compose_with_adapted(result, None, t["bias"], lora, magnitude, t["norm"], t["scaling"])
+        args = (result, None, t["bias"], lora, magnitude, t["norm"], t["scaling"])
+        out, _ = torch.ops.dora_fx.compose_with_adapted(*args)
         return (out.float() * 2).sum()
 
     compiled = torch.compile(fn, backend="inductor")
