@@ -113,10 +113,10 @@ class Report:
     def to_text(self) -> str:
         rewrites, misses = self.rewrites, self.near_misses
         saved = sum(r.dense_bytes_avoided for r in rewrites)
-        unseen = "" if self.not_seen is None else f", {len(self.not_seen)} DoRA layer(s) not seen by the backend"
+        unseen = "" if self.not_seen is None else f"; {len(self.not_seen)} DoRA layer(s) not seen by the backend"
         lines = [
-            f"dora_fx: {len(rewrites)} DoRA region(s) rewritten, {len(misses)} near-miss(es){unseen} "
-            f"in {len(self.graphs)} graph(s); dense B·A products avoided: {_mib(saved)} per forward"
+            f"dora_fx: {len(rewrites)} DoRA region(s) rewritten, {len(misses)} near-miss(es) "
+            f"in {len(self.graphs)} graph(s){unseen}; dense B·A products avoided: {_mib(saved)} per forward"
         ]
         if rewrites:
             header = ("module", "d_out", "d_in", "r", "scaling", "dtype", "variant", "dense avoided")
