@@ -109,6 +109,26 @@ def memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, 
     return peak, transient
 
 
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()`` (a forward), other
+    than those of ``exclude`` (weights, inputs): the activations the step holds until its backward.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``, which compiled graphs trigger too."""
+    known = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known and t.device.type != "meta":
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(kept.values())
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()

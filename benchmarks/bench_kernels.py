@@ -211,6 +211,8 @@ def bench_compose(tokens, d, with_inductor=True, ops_available=True):
         fwd["inductor"] = lambda: compiled(result, lora, magnitude, norm, SCALING)
     for impl, fn in fwd.items():
         add("fwd", impl, fn, 3)
+    # the training forward: also writes adapted = base + s·lora for the backward (2 reads + 2 writes)
+    add("fwd", "dora_fx_adapted", lambda: compose_k.compose_with_adapted(result, None, None, lora, magnitude, norm, SCALING), 4)
 
     r_ = result.detach().requires_grad_()
     l_ = lora.detach().requires_grad_()
@@ -229,16 +231,18 @@ def bench_compose(tokens, d, with_inductor=True, ops_available=True):
         train["inductor"] = train_step(lambda r, l, m: compiled_train(r, l, m, norm, SCALING))
     if ops_available:
         train["dora_fx_op"] = train_step(
-            lambda r, l, m: torch.ops.dora_fx.compose(r, None, None, l, m, norm, SCALING))
+            lambda r, l, m: torch.ops.dora_fx.compose_with_adapted(r, None, None, l, m, norm, SCALING)[0])
+    adapted = compose_k.compose_with_adapted(result, None, None, lora, magnitude, norm, SCALING)[1]
+    backward_form = (SCALING, False, result.dtype, lora.dtype)
 
     def kernels_fwd_bwd():
-        out = compose_k.compose(result, None, None, lora, magnitude, norm, SCALING)
-        return out, compose_k.compose_backward(grad, result, None, None, lora, magnitude, norm, SCALING)
+        out, kept = compose_k.compose_with_adapted(result, None, None, lora, magnitude, norm, SCALING)
+        return out, compose_k.compose_backward(grad, kept, magnitude, norm, *backward_form)
 
     train["dora_fx"] = kernels_fwd_bwd
     for impl, fn in train.items():
-        add("fwd_bwd", impl, fn, 8)  # fwd: 2 reads + 1 write; bwd: 3 reads + 2 writes
-    add("bwd", "dora_fx", lambda: compose_k.compose_backward(grad, result, None, None, lora, magnitude, norm, SCALING), 5)
+        add("fwd_bwd", impl, fn, 8)  # fwd: 2 reads + 2 writes (out, adapted); bwd: 2 reads + 2 writes
+    add("bwd", "dora_fx", lambda: compose_k.compose_backward(grad, adapted, magnitude, norm, *backward_form), 4)
 
     ref = compose_k.compose(result, None, None, lora, magnitude, norm, SCALING)
     exp = peft_compose(result.float(), lora.float(), magnitude.float(), norm, SCALING)
@@ -252,9 +256,11 @@ def compose_variants(tokens, d, configs):
     rows = []
     for cfg in configs:
         ms_f = bench(lambda: compose_k.compose(result, None, None, lora, magnitude, norm, SCALING, config=cfg))
-        ms_b = bench(lambda: compose_k.compose_backward(grad, result, None, None, lora, magnitude, norm, SCALING, config=cfg))
+        adapted = compose_k.compose_with_adapted(result, None, None, lora, magnitude, norm, SCALING)[1]
+        backward_form = (SCALING, False, result.dtype, lora.dtype)
+        ms_b = bench(lambda: compose_k.compose_backward(grad, adapted, magnitude, norm, *backward_form, config=cfg))
         rows.append(dict(op="compose_variant", d=d, tokens=tokens, config=str(cfg), fwd_ms=ms_f,
-                         fwd_gbps=3 * tensor_bytes / ms_f / 1e6, bwd_ms=ms_b, bwd_gbps=5 * tensor_bytes / ms_b / 1e6))
+                         fwd_gbps=3 * tensor_bytes / ms_f / 1e6, bwd_ms=ms_b, bwd_gbps=4 * tensor_bytes / ms_b / 1e6))
     return rows
 
 

@@ -15,6 +15,8 @@ normals.
 - time: median (see ``_common.median_ms``), after the compiling first call.
 - memory: transient bytes of one call: the peak beyond what was allocated before it, less the output
   it returns (forward), or less nothing (forward + backward: the gradients it leaves are counted).
+  Forward + backward also records ``saved_bytes``: the activations autograd keeps for the backward
+  (``_common.saved_bytes``), printed as ``saved MiB``.
 - error: relative error of the output (forward) or of output and every gradient, the largest
   (forward + backward), against PEFT eager in the same dtype; forward also against PEFT eager run in
   float32 on an upcast copy of the same weights.
@@ -106,7 +108,9 @@ def train_cell(model, fns, x, dy, device, rep_ms) -> dict:
         for t in [x, *params]:
             t.grad = None
         peak, transient = C.memory(step, device)
-        results[name] = {"ms": ms, "first_call_s": first_s, "peak_bytes": peak, "transient_bytes": transient}
+        saved = C.saved_bytes(functools.partial(fn, x), exclude=[x, *model.parameters()])
+        results[name] = {"ms": ms, "first_call_s": first_s, "peak_bytes": peak, "transient_bytes": transient,
+                         "saved_bytes": saved}
     for name, res in results.items():
         res["err_vs_eager"] = max(C.relative_error(a, e) for a, e in zip(observed[name], observed["eager"]))
     return results
@@ -149,7 +153,8 @@ def memory_ratio(cell: dict) -> float | None:
 
 def print_table(cells: list[dict]) -> None:
     header = ["d", "r", "tokens", "mode", *(f"{n} ms" for n in C.CONTENDERS), "x eager", "x inductor",
-              "cached x eager", "cached x inductor", *(f"{n} MiB" for n in C.CONTENDERS[:3]), "err inductor",
+              "cached x eager", "cached x inductor", *(f"{n} MiB" for n in C.CONTENDERS[:3]),
+              *(f"{n} saved MiB" for n in C.CONTENDERS[:3]), "err inductor",
               "err dora_fx", "fp32err eager", "fp32err dora_fx", "rewrites"]
     rows = []
     for cell in cells:
@@ -159,6 +164,7 @@ def print_table(cells: list[dict]) -> None:
             *(C.fmt(res[n]["ms"], ".3f") if n in res else None for n in C.CONTENDERS),
             *(C.fmt(v, ".2f") for v in speedups(cell) + speedups(cell, "dora_fx_cached")),
             *(C.fmt(C.mib(res[n]["transient_bytes"]), ".1f") for n in C.CONTENDERS[:3]),
+            *(C.fmt(C.mib(res[n].get("saved_bytes")), ".1f") for n in C.CONTENDERS[:3]),
             C.fmt(res["inductor"]["err_vs_eager"], ".1e"), C.fmt(res["dora_fx"]["err_vs_eager"], ".1e"),
             C.fmt(res["eager"].get("err_vs_fp32"), ".1e"), C.fmt(res["dora_fx"].get("err_vs_fp32"), ".1e"),
             cell["dora_fx_rewrites"],

@@ -18,7 +18,8 @@ dora_fx reusing its cached norm in eval, forward only).
 - compile: wall time of the first call minus the median step, in a fresh Inductor/Triton cache,
   after one throw-away compile has paid the process's one-time costs.
 - memory: ``peak`` = ``max_memory_allocated`` during one step (weights included); ``transient`` =
-  that peak less what was allocated before the step and less the logits it returns.
+  that peak less what was allocated before the step and less the logits it returns; ``saved`` (forward
+  + backward, on any device) = the activations autograd keeps for the backward (``_common.saved_bytes``).
 - accuracy: cosine similarity and relative error of the final logits against PEFT eager in float32
   on an upcast copy of the same bf16 weights (DESIGN.md §8: RoPE's ``inv_freq`` is bf16-rounded in
   both, so the comparison measures arithmetic, not a different cast); forward + backward compares the
@@ -135,6 +136,7 @@ def train_contender(fn, model: nn.Module, batch: dict, eager_grads: list[torch.T
     for p in params:
         p.grad = None
     train["peak_bytes"], train["transient_bytes"] = C.memory(train_step, device)
+    train["saved_bytes"] = C.saved_bytes(lambda: fn(**batch).loss, exclude=[*model.parameters(), *model.buffers()])
     for p in params:
         p.grad = None
     return train, eager_grads
@@ -178,7 +180,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["r", "mode", "contender", "ms", "x eager", "x inductor", "peak GiB", "transient GiB", "compile s",
+    header = ["r", "mode", "contender", "ms", "x eager", "x inductor", "peak GiB", "transient GiB", "saved GiB", "compile s",
               "logit cos", "logit err", "loss", "grad err", "rewrites"]
     lines = []
     for row in rows:
@@ -187,8 +189,8 @@ def print_table(rows: list[dict]) -> None:
             row["r"], row["mode"], row["contender"], C.fmt(row["ms"], ".2f"),
             C.fmt(_ratio(eager["ms"], row["ms"]), ".2f"), C.fmt(_ratio(inductor and inductor["ms"], row["ms"]), ".2f"),
             C.fmt(_ratio(row["peak_bytes"], C.GiB), ".2f"), C.fmt(_ratio(row["transient_bytes"], C.GiB), ".2f"),
-            C.fmt(row.get("compile_s"), ".1f"), C.fmt(row.get("logit_cosine_vs_fp32"), ".6f"),
-            C.fmt(row.get("logit_err_vs_fp32"), ".1e"), C.fmt(row.get("loss"), ".4f"),
+            C.fmt(_ratio(row.get("saved_bytes"), C.GiB), ".2f"), C.fmt(row.get("compile_s"), ".1f"),
+            C.fmt(row.get("logit_cosine_vs_fp32"), ".6f"), C.fmt(row.get("logit_err_vs_fp32"), ".1e"), C.fmt(row.get("loss"), ".4f"),
             C.fmt(row.get("err_vs_eager"), ".1e"),
             row.get("rewrites"),
         ])

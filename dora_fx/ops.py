@@ -9,14 +9,22 @@
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
-    ``lora`` and ``magnitude``; its backward is ``dora_fx::compose_backward``.
+    ``lora`` and ``magnitude``; its backward is ``dora_fx::compose_backward``. The rewrite uses it
+    where the magnitude needs no gradient (inference, a frozen magnitude): then its backward keeps no
+    activation at all.
+``dora_fx::compose_with_adapted``
+    The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one
+    activation the magnitude's gradient needs (``∂out/∂m = adapted / norm``). Its autograd keeps
+    ``adapted`` instead of ``result`` and ``lora``, one activation-sized tensor per layer instead of
+    two; the rewrite uses it where the magnitude needs a gradient (training).
 
 On CUDA the ops launch the Triton kernels of :mod:`dora_fx.kernels`; elsewhere they run the
-reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose`` and
-``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them, so a
-compiled graph launches the kernels from Inductor's generated code (and, on the CPU, fuses the
-reference math) instead of calling back into Python. Each op validates its inputs, in eager calls
-and when traced with fake tensors, so a bad call fails with a message naming the problem.
+reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose``,
+``compose_with_adapted`` and ``compose_backward`` are ``torch.library.triton_op``s:
+``torch.compile`` traces through them, so a compiled graph launches the kernels from Inductor's
+generated code (and, on the CPU, fuses the reference math) instead of calling back into Python.
+Each op validates its inputs, in eager calls and when traced with fake tensors, so a bad call fails
+with a message naming the problem.
 """
 
 from __future__ import annotations
@@ -129,9 +137,8 @@ def compose(
     return dispatch.call("compose", result, base, bias, lora, magnitude, norm, scaling)
 
 
-@torch.library.triton_op("dora_fx::compose_backward", mutates_args=())
-def compose_backward(
-    grad_out: Tensor,
+@torch.library.triton_op("dora_fx::compose_with_adapted", mutates_args=())
+def compose_with_adapted(
     result: Tensor,
     base: Tensor | None,
     bias: Tensor | None,
@@ -139,34 +146,95 @@ def compose_backward(
     magnitude: Tensor,
     norm: Tensor,
     scaling: float,
+) -> tuple[Tensor, Tensor]:
+    _check_compose_inputs(result, base, bias, lora, magnitude, norm)
+    return dispatch.call("compose_with_adapted", result, base, bias, lora, magnitude, norm, scaling)
+
+
+@torch.library.triton_op("dora_fx::compose_backward", mutates_args=())
+def compose_backward(
+    grad_out: Tensor,
+    adapted: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    scaling: float,
+    base_given: bool,
+    main_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.call("compose_backward", grad_out, result, base, bias, lora, magnitude, norm, scaling)
+    return dispatch.call(
+        "compose_backward", grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype
+    )
 
 
-def _compose_setup_context(ctx, inputs, output):
+def _remember_form(ctx, inputs) -> tuple[Tensor, Tensor]:
+    """Keep what the backward needs besides tensors; returns ``(magnitude, norm)``."""
     result, base, bias, lora, magnitude, norm, scaling = inputs
     ctx.scaling = scaling
-    ctx.has_base = base is not None
-    # Only the tensors the backward reads: the base (or result and bias that make it), lora, m, norm.
-    ctx.save_for_backward(None if ctx.has_base else result, base, bias, lora, magnitude, norm)
+    ctx.base_given = base is not None
+    ctx.main_dtype = (result if base is None else base).dtype
+    ctx.lora_dtype = lora.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    return magnitude, norm
 
 
-def _compose_backward(ctx, grad_out):
-    result, base, bias, lora, magnitude, norm = ctx.saved_tensors
-    if ctx.has_base:
-        # ``result`` is not saved in this form; compose_backward only needs its dtype and shape.
-        result = base
-    grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
-        grad_out, result, base, bias, lora, magnitude, norm, ctx.scaling
-    )
+def _input_gradients(ctx, grad_out, adapted, magnitude, norm):
+    """Gradients for ``(result, base, bias, lora, magnitude, norm, scaling)``; ``adapted`` is ``None``
+    when the magnitude needs no gradient."""
+    if grad_out is None:
+        return (None,) * 7
+    form = (ctx.scaling, ctx.base_given, ctx.main_dtype, ctx.lora_dtype)
+    grad_magnitude = None
+    if adapted is None:
+        grad_main, grad_lora = reference.input_gradients(grad_out, magnitude, norm, *form)
+    else:
+        grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+            grad_out, adapted, magnitude, norm, *form
+        )
+    if ctx.base_given:
+        return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
     grad_bias = None
-    if bias is not None and ctx.needs_input_grad[2]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         # out = g·result - (g - 1)·bias + ..., so d out / d bias = -(g - 1) per feature.
         g_minus_1 = (magnitude.float() - norm.float()) / norm.float()
-        grad_bias = (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(bias.dtype)
-    if ctx.has_base:
-        return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
+        grad_bias = (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(ctx.bias_dtype)
     return grad_main, None, grad_bias, grad_lora, grad_magnitude, None, None
 
 
+def _compose_setup_context(ctx, inputs, output):
+    magnitude, norm = _remember_form(ctx, inputs)
+    result, base, bias, lora = inputs[:4]
+    # Only the magnitude's gradient reads activations: keep them only when it is needed.
+    main = result if base is None else base
+    activations = (main, bias, lora) if ctx.needs_input_grad[4] else (None, None, None)
+    ctx.save_for_backward(magnitude, norm, *activations)
+
+
+def _compose_backward(ctx, grad_out):
+    magnitude, norm, main, bias, lora = ctx.saved_tensors
+    adapted = None
+    if lora is not None:
+        dtype = reference.compose_dtype(main, None, lora, magnitude)
+        adapted = reference.adapted(main, None, bias, lora, ctx.scaling, dtype)
+    return _input_gradients(ctx, grad_out, adapted, magnitude, norm)
+
+
 compose.register_autograd(_compose_backward, setup_context=_compose_setup_context)
+
+
+def _compose_with_adapted_setup_context(ctx, inputs, output):
+    magnitude, norm = _remember_form(ctx, inputs)
+    adapted = output[1]
+    ctx.mark_non_differentiable(adapted)
+    ctx.set_materialize_grads(False)  # adapted gets no gradient: no zero tensor for it
+    ctx.save_for_backward(magnitude, norm, adapted if ctx.needs_input_grad[4] else None)
+
+
+def _compose_with_adapted_backward(ctx, grad_out, _grad_adapted):
+    magnitude, norm, adapted = ctx.saved_tensors
+    return _input_gradients(ctx, grad_out, adapted, magnitude, norm)
+
+
+compose_with_adapted.register_autograd(
+    _compose_with_adapted_backward, setup_context=_compose_with_adapted_setup_context
+)

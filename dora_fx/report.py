@@ -51,6 +51,14 @@ class NearMiss:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class UnseenLayer:
+    """A PEFT DoRA layer of the model that no graph handed to the backend contained (so it ran eagerly)."""
+
+    module: str
+    reason: str
+
+
 @dataclasses.dataclass
 class GraphReport:
     """One graph handed to the backend."""
@@ -63,9 +71,15 @@ class GraphReport:
 
 @dataclasses.dataclass
 class Report:
-    """All graphs one backend has compiled, in order."""
+    """All graphs one backend has compiled, in order.
+
+    ``not_seen`` lists the model's DoRA layers that were in none of these graphs. Only
+    :func:`dora_fx.audit.audit` fills it, because only it knows the model (a backend sees graphs,
+    never the modules Dynamo ran outside them); ``None`` means that nobody checked.
+    """
 
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+    not_seen: list[UnseenLayer] | None = None
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -87,6 +101,7 @@ class Report:
             "total_rewrites": len(self.rewrites),
             "total_near_misses": len(self.near_misses),
             "total_dense_bytes_avoided": sum(r.dense_bytes_avoided for r in self.rewrites),
+            "not_seen": None if self.not_seen is None else [dataclasses.asdict(u) for u in self.not_seen],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -98,9 +113,10 @@ class Report:
     def to_text(self) -> str:
         rewrites, misses = self.rewrites, self.near_misses
         saved = sum(r.dense_bytes_avoided for r in rewrites)
+        unseen = "" if self.not_seen is None else f"; {len(self.not_seen)} DoRA layer(s) not seen by the backend"
         lines = [
             f"dora_fx: {len(rewrites)} DoRA region(s) rewritten, {len(misses)} near-miss(es) "
-            f"in {len(self.graphs)} graph(s); dense B·A products avoided: {_mib(saved)} per forward"
+            f"in {len(self.graphs)} graph(s){unseen}; dense B·A products avoided: {_mib(saved)} per forward"
         ]
         if rewrites:
             header = ("module", "d_out", "d_in", "r", "scaling", "dtype", "variant", "dense avoided")
@@ -112,6 +128,10 @@ class Report:
         if misses:
             lines += ["", "near-misses (left to the inner compiler unchanged):"]
             lines += [f"  {m.where}: {m.reason}" for m in misses]
+        if self.not_seen:
+            lines += ["", "not rewritten, ran eagerly (grouped by reason):"]
+            for reason in dict.fromkeys(u.reason for u in self.not_seen):
+                lines += [f"  {reason}:", *(f"    {u.module}" for u in self.not_seen if u.reason == reason)]
         return "\n".join(lines)
 
 

@@ -128,8 +128,13 @@ def test_triton_kernels_keep_zero_norm_and_nonfinite_positions(form):
     assert not torch.isfinite(expected[:, 4]).any()
     sl.assert_same_nonfinite(got, expected, "compose", rtol=1e-5, atol=1e-5)
     assert torch.equal(got.isnan(), expected.isnan())
-    got_grads = compose_kernels.compose_backward(grad_out.to(KERNEL_DEVICE), *on_device, 2.0)
-    expected_grads = reference.compose_backward(grad_out, *args, 2.0)
+    got_out, got_adapted = compose_kernels.compose_with_adapted(*on_device, 2.0)
+    expected_adapted = reference.adapted(*args[:4], 2.0, expected.dtype)
+    assert torch.equal(got_out.cpu().isnan(), expected.isnan())
+    sl.assert_same_nonfinite(got_adapted.cpu(), expected_adapted, "adapted", rtol=1e-5, atol=1e-5)
+    form = (2.0, base is not None, torch.float32, torch.float32)
+    got_grads = compose_kernels.compose_backward(grad_out.to(KERNEL_DEVICE), got_adapted, *on_device[4:], *form)
+    expected_grads = reference.compose_backward(grad_out, expected_adapted, magnitude, norm, *form)
     for name, g, e in zip(("main", "lora", "magnitude"), got_grads, expected_grads):
         sl.assert_same_nonfinite(g.cpu(), e, f"compose_backward {name}", rtol=1e-5, atol=1e-5)
 
@@ -545,11 +550,11 @@ def test_compiled_training_survives_failing_kernels(fake_cuda):
     second step adds no warning)."""
     kernels = types.SimpleNamespace(
         weight_norm=_raise("norm launch failed"),
-        compose=_raise("compose launch failed"),
+        compose_with_adapted=_raise("compose launch failed"),
         compose_backward=_raise("compose_backward launch failed"),
     )
     fake_cuda.setitem(sys.modules, "fake_dora_kernels", kernels)
-    for name in ("weight_norm", "compose", "compose_backward"):
+    for name in ("weight_norm", "compose_with_adapted", "compose_backward"):
         fake_cuda.setitem(dispatch._KERNEL_MODULE, name, "fake_dora_kernels")
     model = sl.build().train()
     compiled, backend = sl.compile_aot(model)
@@ -560,7 +565,7 @@ def test_compiled_training_survives_failing_kernels(fake_cuda):
         ours_again = sl.step(compiled, model, x)
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
     assert len(messages) == 3, messages
-    for name in ("weight_norm", "compose", "compose_backward"):
+    for name in ("weight_norm", "compose_with_adapted", "compose_backward"):
         assert sum(f"kernel for {name} failed" in m for m in messages) == 1
     assert len(backend.report.rewrites) == 1
     eager = sl.step(model, model, x)
@@ -592,7 +597,7 @@ def test_inner_compiler_error_after_a_rewrite_keeps_its_message():
     """The inner compiler fails on an already rewritten graph: its own message reaches the user."""
 
     def broken(gm, example_inputs):
-        assert any(n.target is torch.ops.dora_fx.compose.default for n in gm.graph.nodes)
+        assert any(n.target is torch.ops.dora_fx.compose_with_adapted.default for n in gm.graph.nodes)
         raise NotImplementedError("inner backend cannot lower dora_fx.compose")
 
     compiled = torch.compile(sl.build(), backend=dora_fx.DoraBackend(inner=broken), fullgraph=True)

@@ -68,6 +68,24 @@ def test_compose_matches_peft_formula_and_gradcheck(form):
 
 
 @pytest.mark.parametrize("form", ["plain", "bias", "base"])
+def test_compose_with_adapted_gradcheck_and_adapted_is_not_differentiable(form):
+    result, base, bias, lora, _, _, s = inputs = _compose_inputs(form)
+    out, adapted = torch.ops.dora_fx.compose_with_adapted(*inputs)
+    torch.testing.assert_close(out, torch.ops.dora_fx.compose(*inputs))
+    base_eff = base if base is not None else (result - bias if bias is not None else result)
+    torch.testing.assert_close(adapted, base_eff + s * lora)
+    assert out.requires_grad and not adapted.requires_grad
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.dora_fx.compose_with_adapted(*t)[0], inputs)
+
+
+@pytest.mark.parametrize("form", ["plain", "bias", "base"])
+def test_compose_with_adapted_opcheck(form):
+    args = tuple(a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in _compose_inputs(form))
+    torch.library.opcheck(torch.ops.dora_fx.compose_with_adapted.default, args)
+
+
+@pytest.mark.parametrize("form", ["plain", "bias", "base"])
 def test_compose_opcheck(form):
     args = tuple(a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
                  for a in _compose_inputs(form))

@@ -4,10 +4,12 @@ Notation: ``g = m / norm`` per feature (column), ``s`` the LoRA scaling, ``base`
 output without bias (``result - bias`` when PEFT reuses the base layer's output), ``d = dL/dout``.
 
 - ``_compose_kernel``: ``out = result + (g - 1)·base + g·s·lora``, one read of every input, one
-  write, float32 math and one rounding.
-- ``_compose_backward_kernel``: one pass over ``d`` writes ``grad_main`` and ``grad_lora`` and, per
-  block of rows, the column sums ``Σ_rows d·(base + s·lora)`` into a float32 ``[row_blocks, N]``
-  buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics).
+  write, float32 math and one rounding; in training also ``adapted = base + s·lora`` (second write),
+  the one activation the backward needs (``∂out/∂m = adapted / norm``), so that neither ``result``
+  nor ``lora`` has to be kept for it.
+- ``_compose_backward_kernel``: one pass over ``d`` and ``adapted`` writes ``grad_main`` and
+  ``grad_lora`` and, per block of rows, the column sums ``Σ_rows d·adapted`` into a float32
+  ``[row_blocks, N]`` buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics).
 
 Inputs are ``[..., N]``; leading dimensions are flattened into rows addressed with int64 offsets
 through a row stride, so row-strided views need no copy.
@@ -47,6 +49,7 @@ def _compose_kernel(
     m_ptr,
     norm_ptr,
     out_ptr,
+    adapted_ptr,
     n_rows,
     n_cols,
     scaling,
@@ -54,15 +57,18 @@ def _compose_kernel(
     stride_base,
     stride_lora,
     stride_out,
+    stride_adapted,
     HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    EMIT_ADAPTED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """``out = result + (g - 1)·base + (g·s)·lora`` on a ``[BLOCK_T, BLOCK_N]`` tile, in float32.
 
     ``base`` is read from ``base_ptr`` when ``HAS_BASE``, else it is ``result - bias`` (``result``
-    without a bias). The value is rounded once, to ``out``'s dtype, on the store.
+    without a bias). With ``EMIT_ADAPTED`` the tile of ``adapted = base + s·lora`` is written too.
+    Each value is rounded once, to its destination's dtype, on the store.
     """
     pid = tl.program_id(0)
     num_col_blocks = tl.cdiv(n_cols, BLOCK_N)
@@ -83,17 +89,17 @@ def _compose_kernel(
     else:
         base = res
     # Inductor passes Python floats to user kernels as fp64 scalars: compute in fp32 all the same.
-    out = res + g_minus_1[None, :] * base + (g * tl.cast(scaling, tl.float32))[None, :] * lora
+    s = tl.cast(scaling, tl.float32)
+    out = res + g_minus_1[None, :] * base + (g * s)[None, :] * lora
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+    if EMIT_ADAPTED:
+        tl.store(adapted_ptr + rows[:, None] * stride_adapted + cols[None, :], base + s * lora, mask=mask)
 
 
 @triton.jit
 def _compose_backward_kernel(
     grad_ptr,
-    result_ptr,
-    base_ptr,
-    bias_ptr,
-    lora_ptr,
+    adapted_ptr,
     m_ptr,
     norm_ptr,
     grad_main_ptr,
@@ -104,37 +110,31 @@ def _compose_backward_kernel(
     rows_per_program,
     scaling,
     stride_grad,
-    stride_result,
-    stride_base,
-    stride_lora,
+    stride_adapted,
     stride_grad_main,
     stride_grad_lora,
     stride_partial,
-    HAS_BASE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    BASE_GIVEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Gradients of ``out = result + (g - 1)·base + g·s·lora`` for a ``rows_per_program × BLOCK_N`` strip.
 
-    - ``grad_main = g·d`` when ``result`` stands in for the base (``HAS_BASE`` false), else ``(g - 1)·d``;
+    - ``grad_main = g·d`` when ``result`` stands in for the base (``BASE_GIVEN`` false), else ``(g - 1)·d``;
     - ``grad_lora = (g·s)·d``;
-    - ``P[pid_t, j] = Σ_{rows of the strip} d·(base + s·lora)``, with ``base = result - bias``
-      (or ``result``) when ``HAS_BASE`` is false; ``grad_magnitude = Σ_t P[t] / norm`` afterwards.
+    - ``P[pid_t, j] = Σ_{rows of the strip} d·adapted`` (``adapted = base + s·lora``, saved by the
+      forward); ``grad_magnitude = Σ_t P[t] / norm`` afterwards.
     """
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < n_cols
     g, g_minus_1 = _column_factors(m_ptr, norm_ptr, cols, mask_n)
-    if HAS_BASE:
+    if BASE_GIVEN:
         main_factor = g_minus_1
     else:
         main_factor = g
-    s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
-    lora_factor = g * s
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    lora_factor = g * tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
 
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     row_start = pid_t * rows_per_program
@@ -142,17 +142,10 @@ def _compose_backward_kernel(
         rows = (t + tl.arange(0, BLOCK_T)).to(tl.int64)
         mask = (rows < n_rows)[:, None] & mask_n[None, :]
         d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BASE:
-            base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
-        else:
-            base = tl.load(result_ptr + rows[:, None] * stride_result + cols[None, :], mask=mask, other=0.0)
-        base = base.to(tl.float32)
-        if HAS_BIAS:
-            base = base - bias[None, :]
+        adapted = tl.load(adapted_ptr + rows[:, None] * stride_adapted + cols[None, :], mask=mask, other=0.0)
         tl.store(grad_main_ptr + rows[:, None] * stride_grad_main + cols[None, :], main_factor[None, :] * d, mask=mask)
         tl.store(grad_lora_ptr + rows[:, None] * stride_grad_lora + cols[None, :], lora_factor[None, :] * d, mask=mask)
-        acc += tl.where(mask, d * (base + s * lora), 0.0)
+        acc += tl.where(mask, d * adapted.to(tl.float32), 0.0)
     tl.store(partial_ptr + pid_t * stride_partial + cols, tl.sum(acc, axis=0), mask=mask_n)
 
 
@@ -220,6 +213,47 @@ def _uses_float64(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
+def _launch_compose(result, base, bias, lora, magnitude, norm, scaling, config, emit_adapted):
+    """``(out, adapted or None)``: one launch of ``_compose_kernel``."""
+    n_cols = result.shape[-1]
+    n_rows = result.numel() // n_cols if n_cols else 0
+    dtype = reference.compose_dtype(result, base, lora, magnitude)
+    out, out2 = _output_like(result, dtype, n_rows, n_cols)
+    adapted, adapted2 = _output_like(result, dtype, n_rows, n_cols) if emit_adapted else (None, None)
+    if out.numel() == 0:
+        return out, adapted
+    cfg = config or compose_config(n_rows, n_cols, result.device)
+    result2 = _rows(result, n_rows, n_cols)
+    lora2 = _rows(lora, n_rows, n_cols)
+    base2 = None if base is None else _rows(base, n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, cfg.block_t) * triton.cdiv(n_cols, cfg.block_n),)
+    launchable(_compose_kernel, result)[grid](
+        result2,
+        base2,
+        _vector(bias),
+        lora2,
+        _vector(magnitude),
+        _vector(norm),
+        out2,
+        adapted2,
+        n_rows,
+        n_cols,
+        float(scaling),
+        result2.stride(0),
+        0 if base2 is None else base2.stride(0),
+        lora2.stride(0),
+        out2.stride(0),
+        0 if adapted2 is None else adapted2.stride(0),
+        HAS_BASE=base is not None,
+        HAS_BIAS=bias is not None,
+        EMIT_ADAPTED=emit_adapted,
+        BLOCK_T=cfg.block_t,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+    )
+    return _finish(out, out2), None if adapted is None else _finish(adapted, adapted2)
+
+
 def compose(
     result: torch.Tensor,
     base: torch.Tensor | None,
@@ -237,42 +271,10 @@ def compose(
     """
     if _uses_float64(result, base, bias, lora, magnitude, norm):
         return reference.compose(result, base, bias, lora, magnitude, norm, scaling)
-    n_cols = result.shape[-1]
-    n_rows = result.numel() // n_cols if n_cols else 0
-    out, out2 = _output_like(result, reference.compose_dtype(result, base, lora, magnitude), n_rows, n_cols)
-    if out.numel() == 0:
-        return out
-    cfg = config or compose_config(n_rows, n_cols, result.device)
-    result2 = _rows(result, n_rows, n_cols)
-    lora2 = _rows(lora, n_rows, n_cols)
-    base2 = None if base is None else _rows(base, n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, cfg.block_t) * triton.cdiv(n_cols, cfg.block_n),)
-    launchable(_compose_kernel, result)[grid](
-        result2,
-        base2,
-        _vector(bias),
-        lora2,
-        _vector(magnitude),
-        _vector(norm),
-        out2,
-        n_rows,
-        n_cols,
-        float(scaling),
-        result2.stride(0),
-        0 if base2 is None else base2.stride(0),
-        lora2.stride(0),
-        out2.stride(0),
-        HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_T=cfg.block_t,
-        BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps,
-    )
-    return _finish(out, out2)
+    return _launch_compose(result, base, bias, lora, magnitude, norm, scaling, config, emit_adapted=False)[0]
 
 
-def compose_backward(
-    grad_out: torch.Tensor,
+def compose_with_adapted(
     result: torch.Tensor,
     base: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -282,19 +284,35 @@ def compose_backward(
     scaling: float,
     *,
     config: ComposeConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_main, grad_lora, grad_magnitude)`` as :func:`reference.compose_backward`, in one pass over ``grad_out``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, adapted)`` as :func:`reference.compose_with_adapted`, from one read of the inputs."""
+    if _uses_float64(result, base, bias, lora, magnitude, norm):
+        return reference.compose_with_adapted(result, base, bias, lora, magnitude, norm, scaling)
+    return _launch_compose(result, base, bias, lora, magnitude, norm, scaling, config, emit_adapted=True)
 
-    ``result`` is read only when ``base`` is ``None`` (it then stands in for the base); float64
-    inputs go to the reference math.
-    """
-    if _uses_float64(grad_out, result, base, bias, lora, magnitude, norm):
-        return reference.compose_backward(grad_out, result, base, bias, lora, magnitude, norm, scaling)
+
+def compose_backward(
+    grad_out: torch.Tensor,
+    adapted: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    base_given: bool,
+    main_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    *,
+    config: ComposeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_main, grad_lora, grad_magnitude)`` as :func:`reference.compose_backward`, in one pass
+    over ``grad_out`` and ``adapted``; float64 inputs go to the reference math."""
+    if _uses_float64(grad_out, adapted, magnitude, norm):
+        return reference.compose_backward(
+            grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype
+        )
     n_cols = grad_out.shape[-1]
     n_rows = grad_out.numel() // n_cols if n_cols else 0
-    main_dtype = (result if base is None else base).dtype
     grad_main, grad_main2 = _output_like(grad_out, main_dtype, n_rows, n_cols)
-    grad_lora, grad_lora2 = _output_like(grad_out, lora.dtype, n_rows, n_cols)
+    grad_lora, grad_lora2 = _output_like(grad_out, lora_dtype, n_rows, n_cols)
     if n_rows == 0 or n_cols == 0:
         return grad_main, grad_lora, torch.zeros_like(magnitude)
     device = grad_out.device
@@ -307,14 +325,10 @@ def compose_backward(
     partial = torch.empty((strips, n_cols), dtype=torch.float32, device=device)
 
     grad2 = _rows(grad_out, n_rows, n_cols)
-    lora2 = _rows(lora, n_rows, n_cols)
-    main_in = _rows(result if base is None else base, n_rows, n_cols)
+    adapted2 = _rows(adapted, n_rows, n_cols)
     launchable(_compose_backward_kernel, grad_out)[(col_blocks, strips)](
         grad2,
-        main_in,
-        main_in,
-        _vector(bias),
-        lora2,
+        adapted2,
         _vector(magnitude),
         _vector(norm),
         grad_main2,
@@ -325,14 +339,11 @@ def compose_backward(
         rows_per_program,
         float(scaling),
         grad2.stride(0),
-        main_in.stride(0),
-        main_in.stride(0),
-        lora2.stride(0),
+        adapted2.stride(0),
         grad_main2.stride(0),
         grad_lora2.stride(0),
         partial.stride(0),
-        HAS_BASE=base is not None,
-        HAS_BIAS=base is None and bias is not None,
+        BASE_GIVEN=base_given,
         BLOCK_T=cfg.block_t,
         BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps,

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _KERNEL_MODULE = {
     "weight_norm": "dora_fx.kernels.norm",
     "compose": "dora_fx.kernels.compose",
+    "compose_with_adapted": "dora_fx.kernels.compose",
     "compose_backward": "dora_fx.kernels.compose",
 }
 _reported_failures: set[tuple[str, str]] = set()

@@ -124,8 +124,26 @@ def compose(
     return out.to(out_dtype)
 
 
-def compose_backward(
-    grad_out: torch.Tensor,
+def adapted(
+    result: torch.Tensor,
+    base: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``base + s·lora`` = ``(W + s·B·A)·x``: the adapted layer's output before normalisation, bias excluded.
+
+    ``out = result + (g - 1)·base + g·s·lora`` has ``∂out/∂m = adapted / norm``, so this one tensor is
+    all the magnitude's gradient needs from the forward. Computed in float32, rounded once to
+    ``dtype`` (the output's, :func:`compose_dtype`: the precision PEFT's own output has).
+    """
+    acc = _accumulation_dtype(dtype)
+    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
+    return (base_eff + scaling * lora.to(acc)).to(dtype)
+
+
+def compose_with_adapted(
     result: torch.Tensor,
     base: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -133,27 +151,55 @@ def compose_backward(
     magnitude: torch.Tensor,
     norm: torch.Tensor,
     scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(compose(...), adapted(...))``: the output, and what its backward keeps instead of ``result`` and ``lora``."""
+    dtype = compose_dtype(result, base, lora, magnitude)
+    return (
+        compose(result, base, bias, lora, magnitude, norm, scaling),
+        adapted(result, base, bias, lora, scaling, dtype),
+    )
+
+
+def compose_backward(
+    grad_out: torch.Tensor,
+    adapted: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    base_given: bool,
+    main_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`compose` (``norm`` is detached in PEFT and gets none).
+    """Gradients of :func:`compose` (``norm`` is detached in PEFT and gets none), from ``adapted`` alone.
 
     Returns ``(grad_main, grad_lora, grad_magnitude)``:
 
-    - ``grad_main``: ``g·d`` for ``result`` when ``base`` is ``None`` (``result`` also stands in for the
-      base), else ``(g - 1)·d`` for ``base`` (``result`` then simply receives ``d``);
-    - ``grad_lora = g·s·d``;
-    - ``grad_magnitude = Σ_tokens d·(base + s·lora) / norm``.
+    - ``grad_main``, in ``main_dtype``: ``g·d`` for ``result`` when no ``base`` was given (``result``
+      also stands in for the base), else ``(g - 1)·d`` for ``base`` (``result`` then simply receives ``d``);
+    - ``grad_lora = g·s·d``, in ``lora_dtype``;
+    - ``grad_magnitude = Σ_tokens d·adapted / norm``, with ``adapted = base + s·lora``.
     """
+    grad_main, grad_lora = input_gradients(grad_out, magnitude, norm, scaling, base_given, main_dtype, lora_dtype)
+    acc = _accumulation_dtype(torch.promote_types(grad_out.dtype, adapted.dtype))
+    per_token = grad_out.to(acc) * adapted.to(acc)
+    grad_magnitude = (per_token.reshape(-1, per_token.shape[-1]).sum(dim=0) / norm.to(acc)).to(magnitude.dtype)
+    return grad_main, grad_lora, grad_magnitude
+
+
+def input_gradients(
+    grad_out: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    base_given: bool,
+    main_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_main, grad_lora)`` of :func:`compose_backward`: they need no activation, only ``g``."""
     acc = _accumulation_dtype(grad_out.dtype)
     d = grad_out.to(acc)
     m = magnitude.to(acc)
     n = norm.to(acc)
     g = m / n
-    if base is None:
-        grad_main = (g * d).to(result.dtype)
-    else:
-        grad_main = (((m - n) / n) * d).to(base.dtype)
-    grad_lora = ((g * scaling) * d).to(lora.dtype)
-    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
-    per_token = d * (base_eff + scaling * lora.to(acc))
-    grad_magnitude = (per_token.reshape(-1, per_token.shape[-1]).sum(dim=0) / n).to(magnitude.dtype)
-    return grad_main, grad_lora, grad_magnitude
+    main_factor = (m - n) / n if base_given else g
+    return (main_factor * d).to(main_dtype), ((g * scaling) * d).to(lora_dtype)

@@ -14,6 +14,8 @@ Rewrite to::
     norm = dora_fx.weight_norm(W, A, B, s, fan_in_fan_out)       # never forms dense (cached_weight_norm
                                                                  # in graphs without gradients)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
+    # where m needs a gradient (training): the variant whose backward keeps one activation, not two
+    out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)
 
 Anything that matches only part of this (another scaling in the output than in the norm, a norm over
 another dimension, a dense product that something else also reads, ...) is left alone and reported
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 
 import torch
 import torch.fx as fx
@@ -305,7 +308,7 @@ def _norm_value(region: Region) -> torch.Tensor:
 
 
 def _compose_value(region: Region) -> torch.Tensor:
-    """``meta["val"]`` of the new compose node (see :func:`_norm_value`)."""
+    """``meta["val"]`` of the composed output (see :func:`_norm_value`)."""
     result, lora, magnitude = (gv.value(region.nodes[k]) for k in ("result", "lora", "m"))
     base = None if region.base is None else gv.value(region.base)
     with result.fake_mode:
@@ -331,6 +334,12 @@ def _norm_op(out_value: torch.Tensor):
     return torch.ops.dora_fx.cached_weight_norm.default
 
 
+def _magnitude_needs_grad(region: Region) -> bool:
+    """Whether this graph differentiates the output with respect to the magnitude (``False`` under
+    ``torch.no_grad()`` even though the parameter requires grad)."""
+    return gv.value(region.nodes["out"]).requires_grad and gv.value(region.nodes["m"]).requires_grad
+
+
 def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
     """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead (returned)."""
     graph = gm.graph
@@ -346,13 +355,17 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         new_norm = graph.call_function(norm_op, norm_args)
     new_norm.meta.update(val=_norm_value(region), nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
+    meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
+    out_value = _compose_value(region)
     with graph.inserting_before(out):
-        new_out = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
-    new_out.meta.update(
-        val=_compose_value(region),
-        nn_module_stack=out.meta.get("nn_module_stack", {}),
-        stack_trace=out.meta.get("stack_trace"),
-    )
+        if _magnitude_needs_grad(region):
+            composed = graph.call_function(torch.ops.dora_fx.compose_with_adapted.default, compose_args)
+            with out_value.fake_mode:  # adapted: the output's shape, dtype and layout
+                composed.meta.update(val=(out_value, torch.empty_like(out_value)), **meta)
+            new_out = graph.call_function(operator.getitem, (composed, 0))
+        else:
+            new_out = composed = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
+    new_out.meta.update(val=out_value, **meta)
     out.replace_all_uses_with(new_out)
     erased = _erase_dead(graph, [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"])])
     dense = gv.value(nodes["dense"])
@@ -366,7 +379,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         variant=region.variant,
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
         code_before=code_before,
-        code_after=gv.subgraph_code({new_norm, new_out}, new_out, roles),
+        code_after=gv.subgraph_code({new_norm, composed, new_out}, new_out, roles),
     ), erased
 
 

@@ -72,22 +72,44 @@ def _terms(t):
     return result.abs() + ((g - 1).abs() * base.abs()) + (g * t["scaling"]).abs() * t["lora"].double().abs()
 
 
+def _adapted_terms(t):
+    """|base| + |s|·|lora| in float64, per element."""
+    result = t["result"].double()
+    base = t["base"].double() if t["base"] is not None else result - (0 if t["bias"] is None else t["bias"].double())
+    return base.abs() + abs(t["scaling"]) * t["lora"].double().abs()
+
+
 def _check_forward(t, **kwargs):
+    """Both forward launchers: ``compose`` and ``compose_with_adapted`` (same ``out``, plus ``adapted``)."""
     args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
     _poison(t["result"].device, t["result"].numel() * 4)
     got = compose.compose(*args, **kwargs)
-    same = reference.compose(*args)
-    exact = reference.compose(*map(_f64, args[:-1]), args[-1])
+    same, same_adapted = reference.compose_with_adapted(*args)
+    exact, exact_adapted = reference.compose_with_adapted(*map(_f64, args[:-1]), args[-1])
     _assert_matches(got, same, exact, same.dtype, _terms(t))
     assert got.stride() == torch.empty_like(t["result"], dtype=got.dtype).stride()
+    _poison(t["result"].device, t["result"].numel() * 8)
+    got_out, got_adapted = compose.compose_with_adapted(*args, **kwargs)
+    assert torch.equal(got_out, got), "compose_with_adapted's output differs from compose's"
+    _assert_matches(got_adapted, same_adapted, exact_adapted, same_adapted.dtype, _adapted_terms(t))
+    assert got_adapted.stride() == got.stride()
+    return got_adapted
 
 
 def _check_backward(t, grad_out, **kwargs):
+    """The backward from ``adapted`` (as the forward kernel wrote it) against the reference math."""
     args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
+    adapted = compose.compose_with_adapted(*args)[1]
+    main = t["result"] if t["base"] is None else t["base"]
+    form = (t["scaling"], t["base"] is not None, main.dtype, t["lora"].dtype)
     _poison(grad_out.device, grad_out.numel() * 8)
-    got = compose.compose_backward(grad_out, *args, **kwargs)
-    same = reference.compose_backward(grad_out, *args)
-    exact = reference.compose_backward(grad_out.double(), *map(_f64, args[:-1]), args[-1])
+    got = compose.compose_backward(grad_out, adapted, t["magnitude"], t["norm"], *form, **kwargs)
+    same = reference.compose_backward(grad_out, adapted, t["magnitude"], t["norm"], *form)
+    # float64: the gradients of the exact compose (adapted unrounded).
+    exact_adapted = reference.adapted(*map(_f64, args[:4]), args[-1], torch.float64)
+    exact = reference.compose_backward(
+        grad_out.double(), exact_adapted, *map(_f64, args[4:6]), *form[:2], torch.float64, torch.float64
+    )
     for name, g, s, e in zip(("grad_main", "grad_lora", "grad_magnitude"), got, same, exact):
         try:
             if name == "grad_magnitude":  # a sum over tokens: summation order differs, compare in float64
@@ -147,8 +169,12 @@ def test_float64_follows_reference():
     t = _make((4, 6), torch.float64, False, True, seed=4)
     args = (t["result"], t["base"], t["bias"], t["lora"], t["magnitude"], t["norm"], t["scaling"])
     torch.testing.assert_close(compose.compose(*args), reference.compose(*args))
+    for g, r in zip(compose.compose_with_adapted(*args), reference.compose_with_adapted(*args)):
+        torch.testing.assert_close(g, r)
     grad = torch.randn(4, 6, dtype=torch.float64, device=SMALL_SHAPE_DEVICE)
-    for g, r in zip(compose.compose_backward(grad, *args), reference.compose_backward(grad, *args)):
+    backward_args = (grad, reference.adapted(*args[:4], args[-1], torch.float64), t["magnitude"], t["norm"], 1.7, False,
+                     torch.float64, torch.float64)
+    for g, r in zip(compose.compose_backward(*backward_args), reference.compose_backward(*backward_args)):
         torch.testing.assert_close(g, r)
 
 
@@ -184,8 +210,9 @@ def test_cuda_op_in_torch_compile_launches_the_kernels():
     lora = t["lora"].requires_grad_()
     magnitude = t["magnitude"].requires_grad_()
 
-    def fn(result, lora, magnitude):
-        out = torch.ops.dora_fx.compose(result, None, t["bias"], lora, magnitude, t["norm"], t["scaling"])
+    def fn(result, lora, magnitude):  # what rewritten training graphs call
+        args = (result, None, t["bias"], lora, magnitude, t["norm"], t["scaling"])
+        out, _ = torch.ops.dora_fx.compose_with_adapted(*args)
         return (out.float() * 2).sum()
 
     compiled = torch.compile(fn, backend="inductor")
