@@ -6,6 +6,9 @@
 ``dora_fx::cached_weight_norm``
     The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`); the rewrite uses it
     in graphs that compute no gradients (inference), where the norm is a constant.
+``dora_fx::weight_norm_4bit``, ``dora_fx::weight_norm_int8``
+    The same norm over a bitsandbytes 4-bit (NF4/FP4) or 8-bit base weight, read in bounded blocks
+    of dequantized rows (:mod:`dora_fx.quantized`); never a dense ``[d_out, d_in]`` weight.
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fx import norm_cache
+from dora_fx import norm_cache, quantized
 from dora_fx.kernels import dispatch, reference
 
 Tensor = torch.Tensor
@@ -97,6 +100,59 @@ def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
 
 
 cached_weight_norm.register_autograd(_no_gradient)
+
+
+def _check_quantized_norm_inputs(d_out: int, d_in: int, lora_A: Tensor, lora_B: Tensor) -> None:
+    _require(lora_A.dim() == 2 and lora_B.dim() == 2, "weight_norm: lora_A and lora_B must be 2-D")
+    r = lora_A.shape[0]
+    _require(
+        tuple(lora_A.shape) == (r, d_in) and tuple(lora_B.shape) == (d_out, r),
+        f"weight_norm: shapes do not chain: weight ({d_out}, {d_in}), lora_A {tuple(lora_A.shape)}, "
+        f"lora_B {tuple(lora_B.shape)}",
+    )
+
+
+@torch.library.custom_op("dora_fx::weight_norm_4bit", mutates_args=())
+def weight_norm_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+) -> Tensor:
+    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    _check_same_device("weight_norm_4bit", packed, absmax, lora_A, lora_B)
+    weight = quantized.Packed4bit(packed, absmax, blocksize, quant_type, tuple(shape), dtype)
+    return quantized.weight_norm(weight, lora_A, lora_B, scaling)
+
+
+@weight_norm_4bit.register_fake
+def _weight_norm_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scaling):
+    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    return lora_A.new_empty((shape[0],), dtype=torch.float32)
+
+
+weight_norm_4bit.register_autograd(lambda ctx, grad: (None,) * 9)
+
+
+@torch.library.custom_op("dora_fx::weight_norm_int8", mutates_args=())
+def weight_norm_int8(weight: Tensor, scales: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    _check_same_device("weight_norm_int8", weight, scales, lora_A, lora_B)
+    return quantized.weight_norm(quantized.Int8Rows(weight, scales), lora_A, lora_B, scaling)
+
+
+@weight_norm_int8.register_fake
+def _weight_norm_int8_fake(weight, scales, lora_A, lora_B, scaling):
+    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    return lora_A.new_empty((weight.shape[0],), dtype=torch.float32)
+
+
+weight_norm_int8.register_autograd(lambda ctx, grad: (None,) * 5)
 
 
 @torch.library.triton_op("dora_fx::compose", mutates_args=())
