@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Callable
@@ -18,6 +19,14 @@ log = logging.getLogger(__name__)
 CompilerFn = Callable[[fx.GraphModule, list], Callable]
 _graph_ids = itertools.count()
 _last_report = Report()
+
+
+def _graph_break_counts() -> collections.Counter:
+    """Dynamo's graph-break reasons so far (``torch._dynamo.reset()`` clears them)."""
+    return collections.Counter(torch._dynamo.utils.counters["graph_break"])
+
+
+_last_report_breaks_from = _graph_break_counts()
 
 
 def _resolve(inner: str | CompilerFn) -> CompilerFn:
@@ -45,6 +54,7 @@ class DoraBackend:
         self.inner = inner
         self.rewrite = rewrite
         self.report = Report()
+        self._breaks_from = _graph_break_counts()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         graph_id = next(_graph_ids)
@@ -54,6 +64,9 @@ class DoraBackend:
             graph_report = GraphReport(graph_id)
         self.report.graphs.append(graph_report)
         _last_report.graphs.append(graph_report)
+        breaks = _graph_break_counts()
+        self.report.graph_breaks = dict(breaks - self._breaks_from)
+        _last_report.graph_breaks = dict(breaks - _last_report_breaks_from)
         log.info(
             "dora_fx: graph %d: %d rewrite(s), %d near-miss(es), pass %.3f s",
             graph_id,
@@ -68,8 +81,11 @@ class DoraBackend:
 
 
 def reset_report() -> None:
-    """Forget the graphs that :func:`last_report` holds."""
+    """Forget the graphs and graph breaks that :func:`last_report` holds."""
+    global _last_report_breaks_from
     _last_report.graphs.clear()
+    _last_report.graph_breaks = {}
+    _last_report_breaks_from = _graph_break_counts()
 
 
 def last_report() -> Report:

@@ -51,6 +51,8 @@ def install() -> bool:
                 return weight
             if quantized.traceable_bnb_weight(module):
                 return quantized.dequantize_bnb(module)
+            if quantized.is_torchao_tensor(weight):
+                return weight.dequantize()
         return eager(module)
 
     from peft.utils import other

@@ -56,6 +56,15 @@ def traceable_bnb_weight(module: torch.nn.Module) -> bool:
     return False
 
 
+def is_torchao_tensor(weight) -> bool:
+    """Whether ``weight`` is a torchao tensor subclass (PEFT then calls its ``dequantize()``)."""
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError:
+        return False
+    return isinstance(weight, TorchAOBaseTensor)
+
+
 def _int8_scales(module: torch.nn.Module) -> Tensor | None:
     state = getattr(module, "state", None)
     scales = getattr(state, "SCB", None)

@@ -63,9 +63,15 @@ class GraphReport:
 
 @dataclasses.dataclass
 class Report:
-    """All graphs one backend has compiled, in order."""
+    """All graphs one backend has compiled, in order, and the graph breaks Dynamo reported meanwhile.
+
+    ``graph_breaks`` maps each of Dynamo's graph-break reasons to how often it occurred (Dynamo's
+    ``counters["graph_break"]``, counted from the report's start). A break inside a DoRA layer also
+    shows as a near-miss of that layer; the others (a base layer's own code, hooks) are only listed.
+    """
 
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+    graph_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -87,6 +93,7 @@ class Report:
             "total_rewrites": len(self.rewrites),
             "total_near_misses": len(self.near_misses),
             "total_dense_bytes_avoided": sum(r.dense_bytes_avoided for r in self.rewrites),
+            "graph_breaks": dict(self.graph_breaks),
         }
 
     def to_json(self, **kwargs) -> str:
@@ -112,6 +119,9 @@ class Report:
         if misses:
             lines += ["", "near-misses (left to the inner compiler unchanged):"]
             lines += [f"  {m.where}: {m.reason}" for m in misses]
+        if self.graph_breaks:
+            lines += ["", "graph breaks (Dynamo):"]
+            lines += [f"  {count} x {reason.splitlines()[0]}" for reason, count in self.graph_breaks.items()]
         return "\n".join(lines)
 
 

@@ -342,7 +342,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         roles[region.bias] = "bias"
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     quantized = qdora.quantized_norm(region.weight, region.fan_in_fan_out)
-    if quantized is None:
+    if quantized is None or quantized.op is None:
         norm_op, norm_args = _norm_op(gv.value(out)), (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
         norm_value = _norm_value(region)
     else:

@@ -14,6 +14,9 @@ Rewrite to::
     norm = dora_fx.weight_norm_4bit(packed, absmax, blocksize, quant_type, shape, dtype, A, B, s)
     norm = dora_fx.weight_norm_int8(weight, scales, A, B, s)
 
+A torchao weight (``W = weight.dequantize()``, traced through torchao's tensor subclass) keeps
+``dora_fx.weight_norm`` on the dequantized ``W``: the dense ``B·A`` is gone, the dense ``W`` is not.
+
 so the norm never holds the dense ``[d_out, d_in]`` weight (:mod:`dora_fx.quantized`). The
 dequantization stays only where something else reads it: the recomputed base GEMM of PEFT's dropout
 path, ``linear(dropout(x), W)``.
@@ -31,7 +34,7 @@ import torch.fx as fx
 class QuantizedNorm:
     """The norm op for a quantized ``W``, its arguments before ``(A, B, s)``, and the report label."""
 
-    op: torch._ops.OpOverload
+    op: torch._ops.OpOverload | None  # None: the plain weight_norm on the dequantized weight
     weight_args: tuple
     label: str
 
@@ -49,8 +52,13 @@ def _stored_tensor(node: fx.Node) -> fx.Node:
 
 
 def quantized_norm(weight: fx.Node, fan_in_fan_out: bool) -> QuantizedNorm | None:
-    """The quantized norm for the norm's ``W`` node, or None when ``W`` is not a bitsandbytes
-    dequantization."""
+    """The quantized norm for the norm's ``W`` node, or None when ``W`` is not a dequantization.
+
+    A torchao weight's ``weight.dequantize()`` keeps the plain norm on the dense dequantized weight
+    (still without the dense ``B·A``); the report says so.
+    """
+    if weight.op == "call_method" and weight.target == "dequantize":
+        return QuantizedNorm(None, (), "torchao base, norm on the dequantized weight")
     if weight.op != "call_function" or fan_in_fan_out:
         return None
     ops = getattr(torch.ops, "bitsandbytes", None)
