@@ -8,7 +8,9 @@
     in graphs that compute no gradients (inference), where the norm is a constant.
 ``dora_fx::weight_norm_4bit``, ``dora_fx::weight_norm_int8``
     The same norm over a bitsandbytes 4-bit (NF4/FP4) or 8-bit base weight, read in bounded blocks
-    of dequantized rows (:mod:`dora_fx.quantized`); never a dense ``[d_out, d_in]`` weight.
+    of dequantized rows (:mod:`dora_fx.quantized`); never a dense ``[d_out, d_in]`` weight. With
+    ``reuse=True`` (graphs without gradients) the whole norm is kept like ``cached_weight_norm``'s,
+    keyed on the packed weight, A and B.
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
@@ -123,36 +125,48 @@ def weight_norm_4bit(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
+    reuse: bool = False,
 ) -> Tensor:
     _check_quantized_norm_inputs(*shape, lora_A, lora_B)
     _check_same_device("weight_norm_4bit", packed, absmax, lora_A, lora_B)
     weight = quantized.Packed4bit(packed, absmax, blocksize, quant_type, tuple(shape), dtype)
-    return quantized.weight_norm(weight, lora_A, lora_B, scaling)
+    return _quantized_norm(weight, packed, lora_A, lora_B, scaling, reuse)
 
 
 @weight_norm_4bit.register_fake
-def _weight_norm_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scaling):
+def _weight_norm_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scaling, reuse=False):
     _check_quantized_norm_inputs(*shape, lora_A, lora_B)
     return lora_A.new_empty((shape[0],), dtype=torch.float32)
 
 
-weight_norm_4bit.register_autograd(lambda ctx, grad: (None,) * 9)
+weight_norm_4bit.register_autograd(lambda ctx, grad: (None,) * 10)
 
 
 @torch.library.custom_op("dora_fx::weight_norm_int8", mutates_args=())
-def weight_norm_int8(weight: Tensor, scales: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def weight_norm_int8(
+    weight: Tensor, scales: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, reuse: bool = False
+) -> Tensor:
     _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
     _check_same_device("weight_norm_int8", weight, scales, lora_A, lora_B)
-    return quantized.weight_norm(quantized.Int8Rows(weight, scales), lora_A, lora_B, scaling)
+    return _quantized_norm(quantized.Int8Rows(weight, scales), weight, lora_A, lora_B, scaling, reuse)
 
 
 @weight_norm_int8.register_fake
-def _weight_norm_int8_fake(weight, scales, lora_A, lora_B, scaling):
+def _weight_norm_int8_fake(weight, scales, lora_A, lora_B, scaling, reuse=False):
     _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
     return lora_A.new_empty((weight.shape[0],), dtype=torch.float32)
 
 
-weight_norm_int8.register_autograd(lambda ctx, grad: (None,) * 5)
+weight_norm_int8.register_autograd(lambda ctx, grad: (None,) * 6)
+
+
+def _quantized_norm(weight, stored: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, reuse: bool) -> Tensor:
+    if not reuse:
+        return quantized.weight_norm(weight, lora_A, lora_B, scaling)
+    # The quant state belongs to the stored (packed) tensor: it keys the entry with A and B.
+    return norm_cache.cached_or_compute(
+        lambda _w, a, b, s, _f: quantized.weight_norm(weight, a, b, s), stored, lora_A, lora_B, scaling, False
+    )
 
 
 @torch.library.triton_op("dora_fx::compose", mutates_args=())

@@ -170,6 +170,26 @@ def test_row_squares_computed_once_and_recomputed_when_the_weight_changes(monkey
     assert not torch.allclose(changed, first)
 
 
+def test_eval_without_grad_reuses_the_whole_norm_until_an_adapter_changes(monkeypatch):
+    from dora_fx import norm_cache
+
+    example = models.build("mlp", quantized_base="nf4-dq")
+    model = example.model.eval()
+    inputs = example.make_inputs(torch.Generator().manual_seed(5))
+    calls = []
+    compute = quantized.weight_norm
+    monkeypatch.setattr(quantized, "weight_norm", lambda *a: calls.append(1) or compute(*a))
+    norm_cache.clear()
+    compiled = torch.compile(model, backend=RecordingBackend(), fullgraph=True)
+    with torch.no_grad():
+        first = compiled(**inputs)
+        torch.testing.assert_close(compiled(**inputs), first)
+        assert len(calls) == example.dora_layers
+        next(p for n, p in model.named_parameters() if "lora_B" in n).mul_(0.5)
+        torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
+    assert len(calls) == example.dora_layers + 1
+
+
 class _OwnQuantizedLinear(nn.Linear):
     """A base layer that PEFT dequantizes through ``module.dequantize()`` (its HQQ path), which
     dora_fx leaves to PEFT: a graph break inside the DoRA layer."""

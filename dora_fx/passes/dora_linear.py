@@ -342,11 +342,13 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         roles[region.bias] = "bias"
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     quantized = qdora.quantized_norm(region.weight, region.fan_in_fan_out)
+    lora_args = (nodes["A"], nodes["B"], region.scaling)
     if quantized is None or quantized.op is None:
-        norm_op, norm_args = _norm_op(gv.value(out)), (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
+        norm_op, norm_args = _norm_op(gv.value(out)), (region.weight, *lora_args, region.fan_in_fan_out)
         norm_value = _norm_value(region)
     else:
-        norm_op, norm_args = quantized.op, (*quantized.weight_args, nodes["A"], nodes["B"], region.scaling)
+        reuse = not gv.value(out).requires_grad  # as _norm_op: no gradients, so A and B are constants
+        norm_op, norm_args = quantized.op, (*quantized.weight_args, *lora_args, reuse)
         norm_value = _norm_value(region, dtype=torch.float32)
     with graph.inserting_before(nodes["norm"]):
         new_norm = graph.call_function(norm_op, norm_args)
