@@ -171,7 +171,7 @@ def run_norm(args: argparse.Namespace, device: torch.device) -> list[dict]:
     with torch.no_grad():
         for name, fn, clear in (("peft eager", peft_norm, False), ("dora_fx", dora_fx_norm, True),
                                 ("dora_fx, ||W||² cached", dora_fx_norm, False)):
-            def call():
+            def call(fn=fn, clear=clear, layer=layer):
                 if clear:
                     quantized.clear()
                 return fn(layer)
@@ -181,7 +181,7 @@ def run_norm(args: argparse.Namespace, device: torch.device) -> list[dict]:
             peak, transient = C.memory(call, device)
             rows.append({"contender": name, "ms": C.median_ms(call, device, args.rep_ms), "peak_bytes": peak,
                          "transient_bytes": transient, "err_vs_peft": err})
-    del model, layer
+    del model, layer, exact
     C.free(device)
     return rows
 

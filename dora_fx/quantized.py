@@ -106,6 +106,14 @@ class Packed4bit:
     shape: tuple[int, int]
     dtype: torch.dtype
 
+    @property
+    def stored(self) -> Tensor:
+        return self.packed
+
+    @property
+    def layout(self) -> tuple:
+        return ("4bit", self.quant_type, self.blocksize, self.shape, self.dtype)
+
     def rows(self, start: int, stop: int) -> Tensor:
         """``W[start:stop]`` dequantized; ``start·d_in`` must be a multiple of the block size."""
         d_in = self.shape[1]
@@ -128,10 +136,19 @@ class Int8Rows:
 
     weight: Tensor
     scales: Tensor
+    dtype = torch.float32  # what bitsandbytes' int8_vectorwise_dequant returns
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
+
+    @property
+    def stored(self) -> Tensor:
+        return self.weight
+
+    @property
+    def layout(self) -> tuple:
+        return ("int8", self.shape)
 
     def rows(self, start: int, stop: int) -> Tensor:
         return _bnb_ops().int8_vectorwise_dequant.default(self.weight[start:stop], self.scales[start:stop])
@@ -165,7 +182,7 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     w_squared = row_squares(weight)
     a = lora_A.float()
     gram = a @ a.T  # [r, r]
-    a_t = lora_A.T if lora_A.dtype == weight_dtype(weight) else a.T
+    a_t = lora_A.T if lora_A.dtype == weight.dtype else a.T
     out = torch.empty(d_out, dtype=torch.float32, device=lora_A.device)
     step = chunk_rows(weight)
     for start in range(0, d_out, step):
@@ -178,10 +195,6 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     return out.clamp_min_(0.0).sqrt_()
 
 
-def weight_dtype(weight: Packed4bit | Int8Rows) -> torch.dtype:
-    return weight.dtype if isinstance(weight, Packed4bit) else torch.float32
-
-
 @dataclasses.dataclass
 class _SquaresEntry:
     ref: weakref.ref
@@ -192,13 +205,9 @@ class _SquaresEntry:
 _squares: dict[tuple, _SquaresEntry] = {}
 
 
-def _source(weight: Packed4bit | Int8Rows) -> Tensor:
-    return weight.packed if isinstance(weight, Packed4bit) else weight.weight
-
-
 def _compute_row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
     d_out, _ = weight.shape
-    squares = torch.empty(d_out, dtype=torch.float32, device=_source(weight).device)
+    squares = torch.empty(d_out, dtype=torch.float32, device=weight.stored.device)
     step = chunk_rows(weight)
     for start in range(0, d_out, step):
         stop = min(start + step, d_out)
@@ -215,10 +224,10 @@ def row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
     Not cached for inference tensors (no version counter) or during CUDA graph capture. Writes
     through ``.data`` bypass the version counter: call :func:`clear` after them.
     """
-    source = _source(weight)
+    source = weight.stored
     if source.is_inference() or (source.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _compute_row_squares(weight)
-    key = (id(source), weight.shape, getattr(weight, "blocksize", 0), getattr(weight, "quant_type", "int8"))
+    key = (id(source), weight.layout)
     state = (source._version, source.data_ptr())
     entry = _squares.get(key)
     if entry is None or entry.ref() is not source or entry.state != state:
