@@ -12,11 +12,11 @@ pip install --no-index --no-deps --target /tmp/site "$WHEEL_DIR"/bitsandbytes-*.
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python3 -c "import torch, peft, bitsandbytes as b; print('torch', torch.__version__, 'peft', peft.__version__, 'bnb', b.__version__, torch.cuda.get_device_name())" | tee "$OUT/qdora_versions.txt"
-timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:logging -p no:cacheprovider tests/test_qdora.py >"$OUT/qdora_tests.log" 2>&1
+timeout "${TESTS_LIMIT:-150}" python3 -m pytest -q -p no:logging -p no:cacheprovider tests/test_qdora.py >"$OUT/qdora_tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/qdora_tests.log" | tail -2; grep -E "^(FAILED|ERROR)" "$OUT/qdora_tests.log" | head
-timeout "${QUICK_LIMIT:-150}" python3 benchmarks/bench_qdora.py --quick --out "$OUT/qdora_quick.json" >"$OUT/qdora_quick.log" 2>&1
+timeout "${QUICK_LIMIT:-120}" python3 benchmarks/bench_qdora.py --quick --out "$OUT/qdora_quick.json" >"$OUT/qdora_quick.log" 2>&1
 echo "quick rc=$?"; grep -v "Warning\|warn(" "$OUT/qdora_quick.log" | tail -25
 if [ -z "${QUICK_ONLY:-}" ]; then
-  timeout "${STACK_LIMIT:-220}" python3 benchmarks/bench_qdora.py --layers "${LAYERS:-4}" --out "$OUT/qdora.json" >"$OUT/qdora.log" 2>&1
+  timeout "${STACK_LIMIT:-260}" python3 benchmarks/bench_qdora.py --layers "${LAYERS:-4}" --out "$OUT/qdora.json" >"$OUT/qdora.log" 2>&1
   echo "stack rc=$?"; grep -v "Warning\|warn(" "$OUT/qdora.log" | tail -25
 fi
