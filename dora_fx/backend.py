@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from dora_fx import compat
 from dora_fx.passes.pipeline import run_passes
-from dora_fx.report import GraphReport, Report
+from dora_fx.report import GraphReport, NearMiss, Report
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,24 @@ def _graph_break_counts() -> collections.Counter:
 
 
 _last_report_breaks_from = _graph_break_counts()
+
+_DDP_BUCKET_HINT = (
+    "this graph is one of the pieces Dynamo's DDPOptimizer cut at DDP bucket boundaries, which can split a "
+    "DoRA region; torch._dynamo.config.optimize_ddp = 'python_reducer' (or 'no_optimization') keeps it whole"
+)
+
+
+def _compiling_ddp_bucket_pieces() -> bool:
+    """Whether Dynamo's DDPOptimizer is handing this backend one DDP bucket's piece of a graph.
+
+    It does so while a ``DistributedDataParallel`` forward is being traced and
+    ``torch._dynamo.config.optimize_ddp`` is ``True`` (the default) or ``"ddp_optimizer"``.
+    """
+    if torch._dynamo.config.optimize_ddp not in (True, "ddp_optimizer"):
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
 
 
 def _resolve(inner: str | CompilerFn) -> CompilerFn:
@@ -62,6 +80,10 @@ class DoraBackend:
             graph_report = run_passes(gm, graph_id)
         else:
             graph_report = GraphReport(graph_id)
+        if graph_report.near_misses and _compiling_ddp_bucket_pieces():
+            graph_report.near_misses = [
+                NearMiss(miss.where, f"{miss.reason}; {_DDP_BUCKET_HINT}") for miss in graph_report.near_misses
+            ]
         self.report.graphs.append(graph_report)
         _last_report.graphs.append(graph_report)
         breaks = _graph_break_counts()

@@ -139,6 +139,8 @@ def test_ddp_bucket_splits_cost_the_regions_they_cut(results):
     # Every cut region is reported as a near-miss; where the split leaves only PEFT's torch.eye() in
     # the previous piece, the next piece gets the identity as a graph input, and the reason says so.
     assert len(split["near_misses"]) == DORA_LAYERS - split["rewrites"]
+    # ... and names the DDP bucket split as the likely cause, with the setting that avoids it.
+    assert all("DDPOptimizer" in miss["reason"] and "python_reducer" in miss["reason"] for miss in split["near_misses"])
 
 
 def test_fsdp2_rewrites_every_dora_layer_in_per_layer_graphs(results):

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One device call on a 4-GPU machine (device kind nvidia-h200-x4): the session's checks and benchmarks
+# in four lanes, one GPU each, run side by side. Every comparison stays inside one script on one GPU,
+# so the lanes do not mix numbers. Lane summaries: $OUT/lane<N>.log; JSON results beside them.
+#   lane 0: CUDA tests (kernels, models, QDoRA), bf16 training parity, per-gradient errors
+#   lane 1: layer benchmark, full grid (d 8192/4096, r 384/16, 512/4096 tokens), eval with the norm reused
+#   lane 2: Llama-shaped stack, r = 384 and r = 16
+#   lane 3: QDoRA stack (NF4 base; needs the bitsandbytes wheel under .whl, carried), kernel benchmark,
+#           the edge-case tests (their op-level cases use the CUDA kernels)
+# With fewer GPUs, lanes share them round-robin (slower, numbers still per-script).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+python3 -c "import torch, triton, peft, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', t.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" | tee "$OUT/versions.log"
+python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" >>"$OUT/versions.log" 2>&1
+date -u | tee -a "$OUT/versions.log"
+
+step() {  # step LANE NAME LIMIT_S COMMAND...
+  local lane=$1 name=$2 limit=$3 start=$SECONDS log="$OUT/lane$1.log"
+  shift 3
+  echo "== $name" >>"$log"
+  timeout "$limit" "$@" >"$OUT/lane$lane.step" 2>&1
+  local rc=$?
+  grep -v "Warning\|warn(\|warnings.warn" "$OUT/lane$lane.step" | tail -n "${TAIL:-30}" >>"$log"
+  echo "== $name: rc=$rc in $((SECONDS - start)) s" >>"$log"
+}
+lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Inductor cache
+  export CUDA_VISIBLE_DEVICES=$(($1 % GPUS)) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+  case $1 in
+    0)
+      TAIL=60 step 0 cuda_tests 330 python3 -m pytest -q -p no:cacheprovider tests -m cuda
+      step 0 parity 90 python3 examples/train_parity.py --device cuda --steps 100 --out "$OUT/parity.json"
+      step 0 grad_errors 45 python3 benchmarks/profile_layer.py --errors-only ;;
+    1)
+      step 1 layer 400 python3 benchmarks/bench_layer.py --out "$OUT/layer.json"
+      step 1 eval_cache 60 python3 benchmarks/bench_eval_cache.py --out "$OUT/eval_cache.json" ;;
+    2)
+      step 2 model_r384 230 python3 benchmarks/bench_model.py --ranks 384 --out "$OUT/model_r384.json"
+      step 2 model_r16 230 python3 benchmarks/bench_model.py --ranks 16 --out "$OUT/model_r16.json" ;;
+    3)
+      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 270 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
+      step 3 kernels 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json"
+      # The edge cases' op-level tests run on the GPU's kernels here (they use CUDA when present).
+      step 3 edge_cases 150 python3 -m pytest -q -p no:cacheprovider tests/test_edge_cases.py ;;
+  esac
+  rm -f "$OUT/lane$1.step"
+}
+for n in 0 1 2 3; do lane $n & done
+wait
+tail -n 40 "$OUT"/lane*.log

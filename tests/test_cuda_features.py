@@ -1,0 +1,91 @@
+"""The PEFT features of tests/test_peft_features.py and tests/test_norm_cache.py on a GPU, compiled
+by Inductor so that the Triton kernels run (skipped without CUDA).
+
+float32 throughout; the kernels' fp32 dot products may use TF32, hence tolerances of about 1e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_fx
+from dora_fx import models
+from tests.helpers import differentiable_inputs, fresh, step, zero_grads
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOLERANCE = dict(rtol=2e-3, atol=2e-3)
+
+
+def _cuda_llama(**kwargs) -> models.Example:
+    example = models.build("llama", hidden=128, rank=8, **kwargs)
+    example.model.cuda()
+    make = example.make_inputs
+    example.make_inputs = lambda gen: {k: v.cuda() for k, v in make(gen).items()}
+    return example
+
+
+def _ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def test_ten_sequence_lengths_compile_at_most_twice_and_stay_rewritten():
+    example = _cuda_llama()
+    model = example.model.eval()
+    backend = dora_fx.DoraBackend()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for length in range(3, 13):
+            ids = _ids(length, seed=length)
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, **TOLERANCE)
+    assert 1 <= len(backend.report.graphs) <= 2
+    assert all(len(g.rewrites) == example.dora_layers for g in backend.report.graphs)
+
+
+def test_gradient_checkpointing_matches_eager():
+    example = _cuda_llama()
+    model = example.model.train()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.config.use_cache = False
+    inputs = differentiable_inputs(example, torch.Generator().manual_seed(2))
+    backend = dora_fx.DoraBackend()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        out, grads = step(torch.compile(model, backend=backend, fullgraph=True), fresh(inputs))
+    zero_grads(model)
+    ref_out, ref_grads = step(model, fresh(inputs))
+    assert len(backend.report.rewrites) == example.dora_layers
+    torch.testing.assert_close(out, ref_out, **TOLERANCE)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOLERANCE, msg=name)
+
+
+def test_eval_norm_reuse_follows_optimizer_steps_and_merging():
+    """Eval outputs equal eager PEFT's after every change of the adapter, then after merging."""
+    example = _cuda_llama()
+    model = example.model
+    compiled = torch.compile(model, backend=dora_fx.DoraBackend())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(12)
+    previous = None
+    for _ in range(3):
+        model.eval()
+        with torch.no_grad():
+            for _ in range(2):  # the second call reuses the norm
+                out = compiled(input_ids=ids).logits
+                torch.testing.assert_close(out, model(input_ids=ids).logits, **TOLERANCE)
+        if previous is not None:
+            assert not torch.allclose(out, previous)  # the step changed the model, and the norm with it
+        previous = out
+        model.train()
+        compiled(input_ids=ids).logits.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        unmerged = compiled(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, **TOLERANCE)
