@@ -165,7 +165,8 @@ def chunk_rows(weight: Packed4bit | Int8Rows) -> int:
 
 def _matmul_float32(w: Tensor, a_t: Tensor) -> Tensor:
     """``w @ a_t`` accumulated and returned in float32; on CUDA, 16-bit operands go to the tensor
-    cores as they are (``mm`` with a float32 output), without a float32 copy of ``w``."""
+    cores as they are (``mm`` with a float32 output), without a float32 copy of ``w``. Elsewhere (and
+    on a torch without that ``mm`` overload) ``w`` is upcast a chunk at a time."""
     same_16bit = w.dtype == a_t.dtype and w.dtype in (torch.bfloat16, torch.float16)
     if w.is_cuda and same_16bit and hasattr(torch.ops.aten.mm, "dtype"):
         return torch.ops.aten.mm.dtype(w, a_t, torch.float32)
