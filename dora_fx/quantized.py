@@ -163,14 +163,19 @@ def chunk_rows(weight: Packed4bit | Int8Rows) -> int:
     return max(step, CHUNK_ELEMENTS // max(weight.shape[1], 1) // step * step)
 
 
-def _matmul_float32(w: Tensor, a_t: Tensor) -> Tensor:
-    """``w @ a_t`` accumulated and returned in float32; on CUDA, 16-bit operands go to the tensor
-    cores as they are (``mm`` with a float32 output), without a float32 copy of ``w``. Elsewhere (and
-    on a torch without that ``mm`` overload) ``w`` is upcast a chunk at a time."""
-    same_16bit = w.dtype == a_t.dtype and w.dtype in (torch.bfloat16, torch.float16)
-    if w.is_cuda and same_16bit and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.ops.aten.mm.dtype(w, a_t, torch.float32)
-    return w.float() @ a_t.float()
+def _mm_to_float32_in_place(x: Tensor, y: Tensor) -> bool:
+    """Whether ``x @ y`` can run on its 16-bit operands with a float32 result (CUDA's ``mm.dtype``)."""
+    same_16bit = x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    return x.is_cuda and same_16bit and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _matmul_float32(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y`` accumulated and returned in float32; on CUDA, 16-bit operands go to the tensor cores
+    as they are, without float32 copies. Elsewhere (and on a torch without that ``mm`` overload) the
+    operands are upcast first."""
+    if _mm_to_float32_in_place(x, y):
+        return torch.ops.aten.mm.dtype(x, y, torch.float32)
+    return x.float() @ y.float()
 
 
 def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
@@ -181,9 +186,10 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     """
     d_out, _ = weight.shape
     w_squared = row_squares(weight)
-    a = lora_A.float()
-    gram = a @ a.T  # [r, r]
-    a_t = lora_A.T if lora_A.dtype == weight.dtype else a.T
+    gram = _matmul_float32(lora_A, lora_A.T)  # [r, r]
+    a_t = lora_A.T
+    if lora_A.dtype != weight.dtype or not _mm_to_float32_in_place(lora_A, a_t):
+        a_t = a_t.float()  # upcast once, not per chunk
     out = torch.empty(d_out, dtype=torch.float32, device=lora_A.device)
     step = chunk_rows(weight)
     for start in range(0, d_out, step):
