@@ -15,6 +15,9 @@ Rewrite to::
                                                                  # in graphs without gradients)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
 
+When W is a bitsandbytes dequantization, :mod:`dora_fx.passes.qdora` supplies the norm op that reads
+the quantized weight instead (``weight_norm_4bit`` / ``weight_norm_int8``).
+
 Anything that matches only part of this (another scaling in the output than in the norm, a norm over
 another dimension, a dense product that something else also reads, ...) is left alone and reported
 as a near-miss with the reason.
