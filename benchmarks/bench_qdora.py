@@ -215,7 +215,8 @@ def print_report(payload: dict) -> None:
     for message in dora.get("warnings", ()):
         print(f"warning: {message}")
     n = payload["norm"]
-    print(f"\nnorm of one {c['norm_d_out']} x {c['norm_d_in']} {c['base']} layer, r = {c['rank']}:")
+    norm_base = "nf4" if c["base"] == "int8" else c["base"]  # the norm cell measures a 4-bit layer
+    print(f"\nnorm of one {c['norm_d_out']} x {c['norm_d_in']} {norm_base} layer, r = {c['rank']}:")
     print(C.table(["contender", "ms", "transient MiB", "rel err vs PEFT"],
                   [[r["contender"], C.fmt(r["ms"], ".3f"), C.fmt(C.mib(r["transient_bytes"]), ".1f"),
                     C.fmt(r["err_vs_peft"], ".1e")] for r in n]))
