@@ -263,7 +263,7 @@ def test_cuda_layer_matches_eager_peft_bf16(base):
     x = torch.randn(4, 512, 4096, generator=torch.Generator().manual_seed(2)).cuda()
 
     def run(model, dtype):
-        inp = x.to(dtype).requires_grad_()
+        inp = x.detach().to(dtype).requires_grad_()
         out = model(inp)
         out.float().square().mean().backward()
         return [out.float(), inp.grad.float(), *(p.grad.float() for p in model.parameters() if p.requires_grad)]
