@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Callable
@@ -19,6 +20,13 @@ CompilerFn = Callable[[fx.GraphModule, list], Callable]
 _graph_ids = itertools.count()
 _last_report = Report()
 
+
+def _graph_break_counts() -> collections.Counter:
+    """Dynamo's graph-break reasons so far (``torch._dynamo.reset()`` clears them)."""
+    return collections.Counter(torch._dynamo.utils.counters["graph_break"])
+
+
+_last_report_breaks_from = _graph_break_counts()
 
 _DDP_BUCKET_HINT = (
     "this graph is one of the pieces Dynamo's DDPOptimizer cut at DDP bucket boundaries, which can split a "
@@ -64,6 +72,7 @@ class DoraBackend:
         self.inner = inner
         self.rewrite = rewrite
         self.report = Report()
+        self._breaks_from = _graph_break_counts()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         graph_id = next(_graph_ids)
@@ -77,6 +86,9 @@ class DoraBackend:
             ]
         self.report.graphs.append(graph_report)
         _last_report.graphs.append(graph_report)
+        breaks = _graph_break_counts()
+        self.report.graph_breaks = dict(breaks - self._breaks_from)
+        _last_report.graph_breaks = dict(breaks - _last_report_breaks_from)
         log.info(
             "dora_fx: graph %d: %d rewrite(s), %d near-miss(es), pass %.3f s",
             graph_id,
@@ -91,8 +103,11 @@ class DoraBackend:
 
 
 def reset_report() -> None:
-    """Forget the graphs that :func:`last_report` holds."""
+    """Forget the graphs and graph breaks that :func:`last_report` holds."""
+    global _last_report_breaks_from
     _last_report.graphs.clear()
+    _last_report.graph_breaks = {}
+    _last_report_breaks_from = _graph_break_counts()
 
 
 def last_report() -> Report:

@@ -5,10 +5,14 @@ Two PEFT helpers stop Dynamo; each gets a traceable stand-in through
 
 ``dequantize_module_weight`` asks ``type(module.weight).__module__.startswith("torchao.")``,
 which Dynamo (torch 2.13) cannot trace: it breaks the graph in every DoRA layer, and the dense
-``B·A`` product lands in a graph of its own, out of the rewrite's reach. We register a traceable
-stand-in with ``torch._dynamo.substitute_in_graph``: for a plain ``nn.Parameter`` weight it returns
-the weight, exactly what PEFT returns; every other case (HQQ, torchao, bitsandbytes, FSDP shards)
-runs PEFT's own function eagerly, as before.
+``B·A`` product lands in a graph of its own, out of the rewrite's reach. The stand-in returns, for
+a plain ``nn.Parameter`` weight, the weight, exactly what PEFT returns. For bitsandbytes weights it
+computes what PEFT's ``dequantize_bnb_weight`` computes by calling bitsandbytes' own
+``torch.library`` ops with the quant state's tensors (:mod:`dora_fx.quantized`), which Dynamo
+traces, where PEFT's path goes through Python wrappers and re-creates the parameter (``.data``
+writes that Dynamo refuses: six graph breaks per 4-bit layer). Every other case (HQQ, torchao,
+FSDP shards, a weight that bitsandbytes repacked for its CPU inference kernel) runs PEFT's own
+function eagerly, as before.
 
 ``transpose(weight, fan_in_fan_out)`` wraps ``weight.T`` of a Parameter in a new ``nn.Parameter``,
 a constructor Dynamo refuses (every GPT-2 ``Conv1D`` DoRA layer). The new Parameter is a fresh leaf:
@@ -23,6 +27,8 @@ import logging
 
 import torch
 from torch import nn
+
+from dora_fx import quantized
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,10 @@ def install() -> bool:
             weight = getattr(module, "weight", None)
             if type(weight) is nn.Parameter:
                 return weight
+            if quantized.traceable_bnb_weight(module):
+                return quantized.dequantize_bnb(module)
+            if quantized.is_torchao_tensor(weight):
+                return weight.dequantize()
         return eager(module)
 
     from peft.utils import other

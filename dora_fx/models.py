@@ -15,6 +15,8 @@ from torch import nn
 
 EXAMPLES = ("mlp", "llama", "gpt2")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# bitsandbytes bases (QDoRA): 4-bit NF4 / FP4, "-dq" with double quantization, and LLM.int8().
+QUANTIZED_BASES = ("nf4", "fp4", "nf4-dq", "fp4-dq", "int8")
 
 
 class MLP(nn.Module):
@@ -56,6 +58,52 @@ def dora_config(targets, rank: int, dropout: float, **kwargs):
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=True, lora_dropout=dropout, **kwargs)
 
 
+def quantize_linears(model: nn.Module, targets, base: str, compute_dtype: torch.dtype, device) -> None:
+    """Replace each ``nn.Linear`` whose attribute name is in ``targets`` by a bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt`` holding its weight quantized on ``device``, as loading with
+    transformers' ``BitsAndBytesConfig`` leaves a model, and mark the model so that PEFT wraps them
+    in its bitsandbytes LoRA layers. ``base`` is one of :data:`QUANTIZED_BASES`.
+
+    On the CPU, bitsandbytes repacks a 4-bit weight for its AVX512-BF16 inference kernel in the first
+    no-grad eval forward; that path fails under ``torch.compile`` with or without dora_fx
+    (docs/behaviour.md), so these example layers keep it off, as on CUDA.
+    """
+    import bitsandbytes as bnb
+
+    if base not in QUANTIZED_BASES:
+        raise ValueError(f"unknown quantized base {base!r}; choose one of {', '.join(QUANTIZED_BASES)}")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in targets or type(child) is not nn.Linear:
+                continue
+            has_bias = child.bias is not None
+            if base == "int8":
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, has_bias, has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+            else:
+                quant_type, double_quant = base.removesuffix("-dq"), base.endswith("-dq")
+                layer = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, has_bias, compute_dtype=compute_dtype,
+                    compress_statistics=double_quant, quant_type=quant_type, device="meta",
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
+                )
+                layer.support_avx512bf16_for_cpu = False
+            if has_bias:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(device))
+    model.is_loaded_in_4bit = base != "int8"
+    model.is_loaded_in_8bit = base == "int8"
+
+
+def cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the LoRA and DoRA parameters (not a quantized base) to ``dtype``."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+
+
 def _llama(vocab: int, hidden: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,8 +131,10 @@ def build(
     layers: int = 2,
     seed: int = 0,
     use_dora: bool = True,
+    quantized_base: str | None = None,
 ) -> Example:
-    """Build example ``name`` (one of :data:`EXAMPLES`) as a PEFT DoRA model on the CPU."""
+    """Build example ``name`` (one of :data:`EXAMPLES`) as a PEFT DoRA model on the CPU, over a
+    bitsandbytes base (:data:`QUANTIZED_BASES`) when ``quantized_base`` is given (QDoRA)."""
     from peft import get_peft_model
 
     if name not in EXAMPLES:
@@ -110,7 +160,13 @@ def build(
 
     config = dora_config(targets, rank, dropout, **extra)
     config.use_dora = use_dora
+    if quantized_base is not None:
+        base.to(dtype)
+        quantize_linears(base, targets, quantized_base, compute_dtype=dtype, device="cpu")
     model = get_peft_model(base, config)
     randomize_adapters(model, torch.Generator().manual_seed(seed + 1))
-    model.to(dtype)
+    if quantized_base is None:
+        model.to(dtype)
+    else:  # .to(dtype) would cast the packed 4-bit bytes
+        cast_adapters(model, dtype)
     return Example(name, model, make_inputs, count if use_dora else 0)

@@ -6,6 +6,11 @@
 ``dora_fx::cached_weight_norm``
     The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`); the rewrite uses it
     in graphs that compute no gradients (inference), where the norm is a constant.
+``dora_fx::weight_norm_4bit``, ``dora_fx::weight_norm_int8``
+    The same norm over a bitsandbytes 4-bit (NF4/FP4) or 8-bit base weight, read in bounded blocks
+    of dequantized rows (:mod:`dora_fx.quantized`); never a dense ``[d_out, d_in]`` weight. With
+    ``reuse=True`` (graphs without gradients) the whole norm is kept like ``cached_weight_norm``'s,
+    keyed on the packed weight, A and B.
 ``dora_fx::compose``
     ``result + (g - 1)·base + g·s·lora`` with ``g = m / norm``; ``base = result - bias`` when ``base``
     is ``None`` (PEFT reuses the base layer's output). Differentiable in ``result``, ``base``, ``bias``,
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fx import norm_cache
+from dora_fx import norm_cache, quantized
 from dora_fx.kernels import dispatch, reference
 
 Tensor = torch.Tensor
@@ -121,6 +126,73 @@ _lib.impl("cached_weight_norm", cached_weight_norm, "CompositeExplicitAutograd")
 def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     d_out, _ = _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
     return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
+
+
+def _check_quantized_norm_inputs(d_out: int, d_in: int, lora_A: Tensor, lora_B: Tensor) -> None:
+    _require(lora_A.dim() == 2 and lora_B.dim() == 2, "weight_norm: lora_A and lora_B must be 2-D")
+    r = lora_A.shape[0]
+    _require(
+        tuple(lora_A.shape) == (r, d_in) and tuple(lora_B.shape) == (d_out, r),
+        f"weight_norm: shapes do not chain: weight ({d_out}, {d_in}), lora_A {tuple(lora_A.shape)}, "
+        f"lora_B {tuple(lora_B.shape)}",
+    )
+
+
+@torch.library.custom_op("dora_fx::weight_norm_4bit", mutates_args=())
+def weight_norm_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    reuse: bool = False,
+) -> Tensor:
+    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    _check_same_device("weight_norm_4bit", packed, absmax, lora_A, lora_B)
+    weight = quantized.Packed4bit(packed, absmax, blocksize, quant_type, tuple(shape), dtype)
+    return _quantized_norm(weight, packed, lora_A, lora_B, scaling, reuse)
+
+
+@weight_norm_4bit.register_fake
+def _weight_norm_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scaling, reuse=False):
+    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    return lora_A.new_empty((shape[0],), dtype=torch.float32)
+
+
+weight_norm_4bit.register_autograd(lambda ctx, grad: (None,) * 10)
+
+
+@torch.library.custom_op("dora_fx::weight_norm_int8", mutates_args=())
+def weight_norm_int8(
+    weight: Tensor, scales: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, reuse: bool = False
+) -> Tensor:
+    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    _check_same_device("weight_norm_int8", weight, scales, lora_A, lora_B)
+    return _quantized_norm(quantized.Int8Rows(weight, scales), weight, lora_A, lora_B, scaling, reuse)
+
+
+@weight_norm_int8.register_fake
+def _weight_norm_int8_fake(weight, scales, lora_A, lora_B, scaling, reuse=False):
+    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    return lora_A.new_empty((weight.shape[0],), dtype=torch.float32)
+
+
+weight_norm_int8.register_autograd(lambda ctx, grad: (None,) * 6)
+
+
+def _quantized_norm(weight, stored: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, reuse: bool) -> Tensor:
+    if not reuse:
+        return quantized.weight_norm(weight, lora_A, lora_B, scaling)
+    # The quant state belongs to the stored (packed) tensor: it keys the entry with A and B.
+    cached = norm_cache.lookup(stored, lora_A, lora_B, scaling, False)
+    if cached is not None:
+        return cached
+    norm = quantized.weight_norm(weight, lora_A, lora_B, scaling)
+    return norm_cache.store(stored, lora_A, lora_B, scaling, False, norm)
 
 
 @torch.library.triton_op("dora_fx::compose", mutates_args=())

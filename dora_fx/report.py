@@ -71,7 +71,11 @@ class GraphReport:
 
 @dataclasses.dataclass
 class Report:
-    """All graphs one backend has compiled, in order.
+    """All graphs one backend has compiled, in order, and the graph breaks Dynamo reported meanwhile.
+
+    ``graph_breaks`` maps each of Dynamo's graph-break reasons to how often it occurred (Dynamo's
+    ``counters["graph_break"]``, counted from the report's start). A break inside a DoRA layer also
+    shows as a near-miss of that layer; the others (a base layer's own code, hooks) are only listed.
 
     ``not_seen`` lists the model's DoRA layers that were in none of these graphs. Only
     :func:`dora_fx.audit.audit` fills it, because only it knows the model (a backend sees graphs,
@@ -79,6 +83,7 @@ class Report:
     """
 
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+    graph_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
     not_seen: list[UnseenLayer] | None = None
 
     @property
@@ -102,6 +107,7 @@ class Report:
             "total_near_misses": len(self.near_misses),
             "total_dense_bytes_avoided": sum(r.dense_bytes_avoided for r in self.rewrites),
             "not_seen": None if self.not_seen is None else [dataclasses.asdict(u) for u in self.not_seen],
+            "graph_breaks": dict(self.graph_breaks),
         }
 
     def to_json(self, **kwargs) -> str:
@@ -132,6 +138,9 @@ class Report:
             lines += ["", "not rewritten, ran eagerly (grouped by reason):"]
             for reason in dict.fromkeys(u.reason for u in self.not_seen):
                 lines += [f"  {reason}:", *(f"    {u.module}" for u in self.not_seen if u.reason == reason)]
+        if self.graph_breaks:
+            lines += ["", "graph breaks (Dynamo):"]
+            lines += [f"  {count} x {reason.splitlines()[0]}" for reason, count in self.graph_breaks.items()]
         return "\n".join(lines)
 
 

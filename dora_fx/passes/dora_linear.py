@@ -17,6 +17,9 @@ Rewrite to::
     # where m needs a gradient (training): the variant whose backward keeps one activation, not two
     out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)
 
+When W is a bitsandbytes dequantization, :mod:`dora_fx.passes.qdora` supplies the norm op that reads
+the quantized weight instead (``weight_norm_4bit`` / ``weight_norm_int8``).
+
 Anything that matches only part of this (another scaling in the output than in the norm, a norm over
 another dimension, a dense product that something else also reads, ...) is left alone and reported
 as a near-miss with the reason.
@@ -34,6 +37,7 @@ import torch.fx as fx
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx.kernels import reference
 from dora_fx.passes import graph_view as gv
+from dora_fx.passes import qdora
 from dora_fx.report import NearMiss, Rewrite, module_class, module_path
 
 log = logging.getLogger(__name__)
@@ -299,12 +303,12 @@ def match_region(anchor: fx.Node) -> Region:
     raise failures[0]
 
 
-def _norm_value(region: Region) -> torch.Tensor:
+def _norm_value(region: Region, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``meta["val"]`` of the new norm node: what the op's fake implementation returns, built directly
     (running the op under fake mode would trace its autograd and reference math, ~5 ms a region)."""
     weight, lora_A, lora_B = (gv.value(n) for n in (region.weight, region.nodes["A"], region.nodes["B"]))
     with weight.fake_mode:
-        return weight.new_empty((region.d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
+        return weight.new_empty((region.d_out,), dtype=dtype or reference.norm_dtype(weight, lora_A, lora_B))
 
 
 def _compose_value(region: Region) -> torch.Tensor:
@@ -349,11 +353,18 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
     if region.bias is not None:
         roles[region.bias] = "bias"
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
-    norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
-    norm_op = _norm_op(gv.value(out))
+    quantized = qdora.quantized_norm(region.weight, region.fan_in_fan_out)
+    lora_args = (nodes["A"], nodes["B"], region.scaling)
+    if quantized is None or quantized.op is None:
+        norm_op, norm_args = _norm_op(gv.value(out)), (region.weight, *lora_args, region.fan_in_fan_out)
+        norm_value = _norm_value(region)
+    else:
+        reuse = not gv.value(out).requires_grad  # as _norm_op: no gradients, so A and B are constants
+        norm_op, norm_args = quantized.op, (*quantized.weight_args, *lora_args, reuse)
+        norm_value = _norm_value(region, dtype=torch.float32)
     with graph.inserting_before(nodes["norm"]):
         new_norm = graph.call_function(norm_op, norm_args)
-    new_norm.meta.update(val=_norm_value(region), nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
+    new_norm.meta.update(val=norm_value, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
     meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
     out_value = _compose_value(region)
@@ -367,7 +378,8 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
             new_out = composed = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
     new_out.meta.update(val=out_value, **meta)
     out.replace_all_uses_with(new_out)
-    erased = _erase_dead(graph, [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"])])
+    dead = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
+    erased = _erase_dead(graph, dead)
     dense = gv.value(nodes["dense"])
     return Rewrite(
         module=module_path(new_out),
@@ -376,7 +388,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         r=region.r,
         scaling=gv.number_hint(region.scaling),
         dtype=str(gv.value(nodes["result"]).dtype).removeprefix("torch."),
-        variant=region.variant,
+        variant=region.variant if quantized is None else f"{region.variant}, {quantized.label}",
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
         code_before=code_before,
         code_after=gv.subgraph_code({new_norm, composed, new_out}, new_out, roles),
