@@ -45,10 +45,10 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
       step 2 model_r384 230 python3 benchmarks/bench_model.py --ranks 384 --out "$OUT/model_r384.json"
       step 2 model_r16 230 python3 benchmarks/bench_model.py --ranks 16 --out "$OUT/model_r16.json" ;;
     3)
-      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 270 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
+      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 240 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
       step 3 kernels 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json"
       # The edge cases' op-level tests run on the GPU's kernels here (they use CUDA when present).
-      step 3 edge_cases 150 python3 -m pytest -q -p no:cacheprovider tests/test_edge_cases.py ;;
+      step 3 edge_cases 100 python3 -m pytest -q -p no:cacheprovider tests/test_edge_cases.py ;;
   esac
   rm -f "$OUT/lane$1.step"
 }
