@@ -295,7 +295,9 @@ def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_o
 @cuda
 def test_cuda_launches():
     """At the issue #4 shape (bf16, d = 8192, r = 384): the Triton launches are ``_prepare_kernel`` and
-    ``_norm_kernel``, once each, next to cuBLAS's ``A Aᵀ`` (was: four launches, see the module docstring)."""
+    ``_norm_kernel``, once each, next to cuBLAS's ``A Aᵀ`` (was: four launches, see the module docstring).
+
+    cuBLAS may split that small GEMM over K and add its own reduction kernel (seen on an H200)."""
     weight, lora_A, lora_B = _make(8192, 8192, 384, torch.bfloat16, False, device="cuda")
     norm.weight_norm(weight, lora_A, lora_B, 2.0, False)  # compile first
     torch.cuda.synchronize()
@@ -305,4 +307,5 @@ def test_cuda_launches():
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     triton_kernels = [name for name in kernels if name.startswith("_")]
     assert triton_kernels == ["_prepare_kernel", "_norm_kernel"], kernels
-    assert len(kernels) <= 3, kernels
+    cublas_kernels = [name for name in kernels if not name.startswith("_")]
+    assert 1 <= len(cublas_kernels) <= 2, kernels
