@@ -225,11 +225,18 @@ def test_cuda_op_in_torch_compile_launches_the_kernels():
     assert any("_compose_kernel" in name for name in names), sorted(names)
     assert any("_compose_backward_kernel" in name for name in names), sorted(names)
 
-    def peft(result, lora, magnitude):  # PEFT's eager ops, in float32
-        g = (magnitude.float() / t["norm"]).view(1, -1)
-        base = result.float() - t["bias"].float()
-        return ((result.float() + (g - 1) * base + g * lora.float() * t["scaling"]) * 2).sum()
+    def peft(result, lora, magnitude, dtype):  # PEFT's eager ops
+        g = (magnitude.to(dtype) / t["norm"].to(dtype)).view(1, -1)
+        base = result.to(dtype) - t["bias"].to(dtype)
+        return ((result.to(dtype) + (g - 1) * base + g * lora.to(dtype) * t["scaling"]) * 2).float().sum()
 
-    expected = torch.autograd.grad(peft(result, lora, magnitude), (result, lora, magnitude))
-    for g, e in zip(grads, expected):
-        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-2)
+    # Against PEFT's math in float32 (on these bf16 values, close to exact), each gradient is at least
+    # about as accurate as PEFT's own bf16 ops: the numerics policy. The magnitude gradient sums
+    # d·adapted over the tokens, with `adapted` saved in bf16 (docs/behaviour.md), so single elements
+    # where the sum cancels can differ by more than an elementwise tolerance would allow.
+    exact = torch.autograd.grad(peft(result, lora, magnitude, torch.float32), (result, lora, magnitude))
+    eager = torch.autograd.grad(peft(result, lora, magnitude, torch.bfloat16), (result, lora, magnitude))
+    for name, ours, e, peft_bf16 in zip(("result", "lora", "magnitude"), grads, exact, eager):
+        error = ((ours.float() - e).norm() / e.norm()).item()
+        peft_error = ((peft_bf16.float() - e).norm() / e.norm()).item()
+        assert error <= 2 * peft_error + 1e-3, (name, error, peft_error)
