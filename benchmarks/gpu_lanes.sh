@@ -7,7 +7,10 @@
 #   lane 2: Llama-shaped stack, r = 384 and r = 16
 #   lane 3: QDoRA stack (NF4 base; needs the bitsandbytes wheel under .whl, carried), kernel benchmark,
 #           the edge-case tests (their op-level cases use the CUDA kernels)
-# With fewer GPUs, lanes share them round-robin (slower, numbers still per-script).
+#   then, on GPUs 2 and 3 once lanes 2 and 3 are done: FSDP2 training with dora_fx and with plain
+#   torch.compile (examples/train_fsdp.py), losses against the recorded one-GPU reference.
+# With fewer GPUs, lanes share them round-robin (slower, numbers still per-script). All JSON results
+# end up in $OUT/results.tar (the device tool brings back at most 8 files).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -36,7 +39,7 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
   case $1 in
     0)
       TAIL=60 step 0 cuda_tests 330 python3 -m pytest -q -p no:cacheprovider tests -m cuda
-      step 0 parity 90 python3 examples/train_parity.py --device cuda --steps 100 --out "$OUT/parity.json"
+      step 0 parity 90 python3 examples/train_parity.py --device cuda --steps 100 --compare-inductor --out "$OUT/parity.json"
       step 0 grad_errors 45 python3 benchmarks/profile_layer.py --errors-only ;;
     1)
       step 1 layer 400 python3 benchmarks/bench_layer.py --out "$OUT/layer.json"
@@ -52,6 +55,19 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
   esac
   rm -f "$OUT/lane$1.step"
 }
-for n in 0 1 2 3; do lane $n & done
+distributed() {  # FSDP2 on GPUs 2 and 3: dora_fx against plain torch.compile, same model and batch
+  export CUDA_VISIBLE_DEVICES=2,3 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # device KINDS.md
+  local reference=benchmarks/results/2026-11-28-h200x2-distributed/reference.json
+  for backend in dora inductor; do
+    step 4 "fsdp2-$backend" 110 torchrun --standalone --nproc_per_node 2 examples/train_fsdp.py --mode fsdp2 \
+      --backend $backend --device cuda --hidden 2048 --layers 4 --rank 64 --batch 8 --seq 512 --steps 50 --quiet \
+      --compare $reference --out "$OUT/fsdp2_$backend.json"
+  done
+  rm -f "$OUT/lane4.step"
+}
+for n in 0 1; do lane $n & done
+( lane 2 & lane 3 & wait; [ "$GPUS" -ge 4 ] && distributed ) &
 wait
 tail -n 40 "$OUT"/lane*.log
+(cd "$OUT" && tar cf results.tar *.json && rm -f *.json)
