@@ -9,6 +9,8 @@
 #           the edge-case tests (their op-level cases use the CUDA kernels)
 #   then, on GPUs 2 and 3 once lanes 2 and 3 are done: FSDP2 training with dora_fx and with plain
 #   torch.compile (examples/train_fsdp.py), losses against the recorded one-GPU reference.
+# SERIAL=1 runs the lanes one after another (LANES="1 2" picks some): side by side they contend for
+# the host's CPU, which moves launch-bound timings (run B of benchmarks/README.md).
 # With fewer GPUs, lanes share them round-robin (slower, numbers still per-script). All JSON results
 # end up in $OUT/results.tar (the device tool brings back at most 8 files).
 set -o pipefail
@@ -66,8 +68,12 @@ distributed() {  # FSDP2 on GPUs 2 and 3: dora_fx against plain torch.compile, s
   done
   rm -f "$OUT/lane4.step"
 }
-for n in 0 1; do lane $n & done
-( lane 2 & lane 3 & wait; [ "$GPUS" -ge 4 ] && distributed ) &
-wait
+if [ -n "${SERIAL:-}" ]; then  # one lane at a time: no CPU contention between lanes (launch-bound timings)
+  for n in ${LANES:-0 1 2 3}; do lane $n; done
+else
+  for n in 0 1; do lane $n & done
+  ( lane 2 & lane 3 & wait; [ "$GPUS" -ge 4 ] && distributed ) &
+  wait
+fi
 tail -n 40 "$OUT"/lane*.log
 (cd "$OUT" && tar cf results.tar *.json && rm -f *.json)
