@@ -98,6 +98,9 @@ def memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, 
     """
     if device.type != "cuda":
         return None, None
+    import gc
+
+    gc.collect()  # tensors of earlier steps that only a reference cycle keeps must not count as "before"
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
