@@ -50,6 +50,22 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
             "dora_fx_cached": compiled}
 
 
+def lm_forward(fn: Callable, batch: dict) -> Callable[[], torch.Tensor]:
+    """A call of ``fn`` (a causal LM, eager or compiled) on ``batch``'s token ids: the logits."""
+    return lambda: fn(input_ids=batch["input_ids"]).logits
+
+
+def lm_train_step(fn: Callable, batch: dict) -> Callable[[], torch.Tensor]:
+    """A forward + backward of ``fn``'s loss on ``batch`` (ids and labels): the detached loss."""
+
+    def step() -> torch.Tensor:
+        loss = fn(**batch).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -94,9 +94,7 @@ def run_contender(name: str, fn, model: nn.Module, batch: dict, reference: torch
     loss and gradients (on the CPU), taken from this contender's first step when ``eager_grads`` is None."""
     first_call = compiled_first_call if name in ("inductor", "dora_fx") else C.timed_call
 
-    def forward():
-        return fn(input_ids=batch["input_ids"]).logits
-
+    forward = C.lm_forward(fn, batch)
     model.eval()
     with torch.no_grad():
         logits, first_s = first_call(forward, device)
@@ -119,11 +117,7 @@ def train_contender(fn, model: nn.Module, batch: dict, eager_grads: list[torch.T
                     device: torch.device, rep_ms: float) -> tuple[dict, list]:
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def train_step():
-        loss = fn(**batch).loss
-        loss.backward()
-        return loss.detach()
-
+    train_step = C.lm_train_step(fn, batch)
     model.train()
     loss, first_s = first_call(train_step, device)
     observed = [loss, *(p.grad for p in params)]

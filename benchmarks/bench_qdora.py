@@ -66,11 +66,7 @@ def train_cell(fn, model: nn.Module, batch: dict, device: torch.device, rep_ms: 
     """``(results, [loss, *grads])`` of the forward + backward of ``fn``."""
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def train_step():
-        loss = fn(**batch).loss
-        loss.backward()
-        return loss.detach()
-
+    train_step = C.lm_train_step(fn, batch)
     model.train()
     for p in params:
         p.grad = None
@@ -87,9 +83,7 @@ def train_cell(fn, model: nn.Module, batch: dict, device: torch.device, rep_ms: 
 
 
 def forward_cell(fn, model: nn.Module, batch: dict, device: torch.device, rep_ms: float) -> dict:
-    def forward():
-        return fn(input_ids=batch["input_ids"]).logits
-
+    forward = C.lm_forward(fn, batch)
     model.eval()
     with torch.no_grad():
         _, first_s = C.timed_call(forward, device)

@@ -13,28 +13,14 @@
 # the host's CPU, which moves launch-bound timings (run B of benchmarks/README.md).
 # With fewer GPUs, lanes share them round-robin (slower, numbers still per-script). All JSON results
 # end up in $OUT/results.tar (the device tool brings back at most 8 files).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1
+source benchmarks/gpu_common.sh
+gpu_setup "$OUT/versions.log"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-python3 -c "import torch, triton, peft, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', t.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" | tee "$OUT/versions.log"
-python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" >>"$OUT/versions.log" 2>&1
-date -u | tee -a "$OUT/versions.log"
 
-step() {  # step LANE NAME LIMIT_S COMMAND...
-  local lane=$1 name=$2 limit=$3 start=$SECONDS log="$OUT/lane$1.log"
-  shift 3
-  echo "== $name" >>"$log"
-  timeout "$limit" "$@" >"$OUT/lane$lane.step" 2>&1
-  local rc=$?
-  grep -v "Warning\|warn(\|warnings.warn" "$OUT/lane$lane.step" | tail -n "${TAIL:-30}" >>"$log"
-  echo "== $name: rc=$rc in $((SECONDS - start)) s" >>"$log"
+step() {  # step LANE NAME LIMIT_S COMMAND...: a step of lane LANE, summarised in $OUT/lane<LANE>.log
+  local lane=$1
+  shift
+  run_step "$OUT/lane$lane.log" "$@"
 }
 lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Inductor cache
   export CUDA_VISIBLE_DEVICES=$(($1 % GPUS)) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
@@ -50,23 +36,20 @@ lane() {  # lane N: run lane N's steps on GPU N mod GPUS, each with its own Indu
       step 2 model_r384 230 python3 benchmarks/bench_model.py --ranks 384 --out "$OUT/model_r384.json"
       step 2 model_r16 230 python3 benchmarks/bench_model.py --ranks 16 --out "$OUT/model_r16.json" ;;
     3)
-      [ -f benchmarks/bench_qdora.py ] && step 3 qdora 240 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
+      step 3 qdora 240 python3 benchmarks/bench_qdora.py --out "$OUT/qdora.json"
       step 3 kernels 120 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels.json"
       # The edge cases' op-level tests run on the GPU's kernels here (they use CUDA when present).
       step 3 edge_cases 100 python3 -m pytest -q -p no:cacheprovider tests/test_edge_cases.py ;;
   esac
-  rm -f "$OUT/lane$1.step"
 }
 distributed() {  # FSDP2 on GPUs 2 and 3: dora_fx against plain torch.compile, same model and batch
   export CUDA_VISIBLE_DEVICES=2,3 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # device KINDS.md
   local reference=benchmarks/results/2026-11-28-h200x2-distributed/reference.json
   for backend in dora inductor; do
     step 4 "fsdp2-$backend" 110 torchrun --standalone --nproc_per_node 2 examples/train_fsdp.py --mode fsdp2 \
       --backend $backend --device cuda --hidden 2048 --layers 4 --rank 64 --batch 8 --seq 512 --steps 50 --quiet \
       --compare $reference --out "$OUT/fsdp2_$backend.json"
   done
-  rm -f "$OUT/lane4.step"
 }
 if [ -n "${SERIAL:-}" ]; then  # one lane at a time: no CPU contention between lanes (launch-bound timings)
   for n in ${LANES:-0 1 2 3}; do lane $n; done

@@ -90,13 +90,16 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def effective_base(result: torch.Tensor, base: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """The base-layer output without bias: ``base`` when given, else ``result - bias`` (or ``result``)."""
+def _effective_base(
+    result: torch.Tensor, base: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The base-layer output without bias, in ``dtype``: ``base`` when given, else ``result - bias``
+    (or ``result``)."""
     if base is not None:
-        return base
+        return base.to(dtype)
     if bias is not None:
-        return result - bias
-    return result
+        return result.to(dtype) - bias.to(dtype)
+    return result.to(dtype)
 
 
 def compose(
@@ -119,7 +122,7 @@ def compose(
     n = norm.to(acc)
     g = m / n
     g_minus_1 = (m - n) / n
-    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
+    base_eff = _effective_base(result, base, bias, acc)
     out = result.to(acc) + g_minus_1 * base_eff + (g * scaling) * lora.to(acc)
     return out.to(out_dtype)
 
@@ -139,7 +142,7 @@ def adapted(
     ``dtype`` (the output's, :func:`compose_dtype`: the precision PEFT's own output has).
     """
     acc = _accumulation_dtype(dtype)
-    base_eff = effective_base(result.to(acc), None if base is None else base.to(acc), None if bias is None else bias.to(acc))
+    base_eff = _effective_base(result, base, bias, acc)
     return (base_eff + scaling * lora.to(acc)).to(dtype)
 
 
