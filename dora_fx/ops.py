@@ -52,15 +52,21 @@ def _check_same_device(op: str, *tensors: Tensor | None) -> None:
     _require(len(devices) <= 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _check_norm_inputs(weight: Tensor, lora_A: Tensor, lora_B: Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
-    _require(weight.dim() == 2, f"weight_norm: weight must be 2-D, got shape {tuple(weight.shape)}")
-    _require(lora_A.dim() == 2 and lora_B.dim() == 2, "weight_norm: lora_A and lora_B must be 2-D")
-    d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+def _check_adapters_chain(op: str, d_out: int, d_in: int, lora_A: Tensor, lora_B: Tensor, weight: str) -> None:
+    """``lora_A [r, d_in]`` and ``lora_B [d_out, r]`` fit a ``[d_out, d_in]`` weight (described by ``weight``)."""
+    _require(lora_A.dim() == 2 and lora_B.dim() == 2, f"{op}: lora_A and lora_B must be 2-D")
     r = lora_A.shape[0]
     _require(
         lora_A.shape[1] == d_in and tuple(lora_B.shape) == (d_out, r),
-        f"weight_norm: shapes do not chain: weight {tuple(weight.shape)} (fan_in_fan_out={fan_in_fan_out}), "
-        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}",
+        f"{op}: shapes do not chain: weight {weight}, lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}",
+    )
+
+
+def _check_norm_inputs(weight: Tensor, lora_A: Tensor, lora_B: Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+    _require(weight.dim() == 2, f"weight_norm: weight must be 2-D, got shape {tuple(weight.shape)}")
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    _check_adapters_chain(
+        "weight_norm", d_out, d_in, lora_A, lora_B, f"{tuple(weight.shape)} (fan_in_fan_out={fan_in_fan_out})"
     )
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require(t.dtype.is_floating_point, f"weight_norm: {name} must be floating point, got {t.dtype}")
@@ -128,16 +134,6 @@ def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
 
 
-def _check_quantized_norm_inputs(d_out: int, d_in: int, lora_A: Tensor, lora_B: Tensor) -> None:
-    _require(lora_A.dim() == 2 and lora_B.dim() == 2, "weight_norm: lora_A and lora_B must be 2-D")
-    r = lora_A.shape[0]
-    _require(
-        tuple(lora_A.shape) == (r, d_in) and tuple(lora_B.shape) == (d_out, r),
-        f"weight_norm: shapes do not chain: weight ({d_out}, {d_in}), lora_A {tuple(lora_A.shape)}, "
-        f"lora_B {tuple(lora_B.shape)}",
-    )
-
-
 @torch.library.custom_op("dora_fx::weight_norm_4bit", mutates_args=())
 def weight_norm_4bit(
     packed: Tensor,
@@ -151,7 +147,7 @@ def weight_norm_4bit(
     scaling: float,
     reuse: bool = False,
 ) -> Tensor:
-    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    _check_adapters_chain("weight_norm_4bit", *shape, lora_A, lora_B, f"{tuple(shape)} (4-bit)")
     _check_same_device("weight_norm_4bit", packed, absmax, lora_A, lora_B)
     weight = quantized.Packed4bit(packed, absmax, blocksize, quant_type, tuple(shape), dtype)
     return _quantized_norm(weight, packed, lora_A, lora_B, scaling, reuse)
@@ -159,7 +155,7 @@ def weight_norm_4bit(
 
 @weight_norm_4bit.register_fake
 def _weight_norm_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scaling, reuse=False):
-    _check_quantized_norm_inputs(*shape, lora_A, lora_B)
+    _check_adapters_chain("weight_norm_4bit", *shape, lora_A, lora_B, f"{tuple(shape)} (4-bit)")
     return lora_A.new_empty((shape[0],), dtype=torch.float32)
 
 
@@ -170,14 +166,14 @@ weight_norm_4bit.register_autograd(lambda ctx, grad: (None,) * 10)
 def weight_norm_int8(
     weight: Tensor, scales: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, reuse: bool = False
 ) -> Tensor:
-    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    _check_adapters_chain("weight_norm_int8", *weight.shape, lora_A, lora_B, f"{tuple(weight.shape)} (int8)")
     _check_same_device("weight_norm_int8", weight, scales, lora_A, lora_B)
     return _quantized_norm(quantized.Int8Rows(weight, scales), weight, lora_A, lora_B, scaling, reuse)
 
 
 @weight_norm_int8.register_fake
 def _weight_norm_int8_fake(weight, scales, lora_A, lora_B, scaling, reuse=False):
-    _check_quantized_norm_inputs(*weight.shape, lora_A, lora_B)
+    _check_adapters_chain("weight_norm_int8", *weight.shape, lora_A, lora_B, f"{tuple(weight.shape)} (int8)")
     return lora_A.new_empty((weight.shape[0],), dtype=torch.float32)
 
 
