@@ -21,7 +21,7 @@ import re
 import torch
 import torch.fx as fx
 
-from dora_fx.backend import DoraBackend
+from dora_fx.backend import DoraBackend, graph_break_counts
 from dora_fx.report import Report, UnseenLayer
 
 
@@ -30,15 +30,15 @@ def audit(model: torch.nn.Module, *args, dump_dir: str | pathlib.Path | None = N
     nearly rewrote, and which DoRA layers of ``model`` ran outside every compiled graph."""
     graph_inputs = _StorageRecorder()
     backend = DoraBackend(inner=graph_inputs.run_eagerly)
-    breaks = torch._dynamo.utils.counters["graph_break"]
     torch._dynamo.reset()
-    breaks_before = collections.Counter(breaks)
+    breaks_before = graph_break_counts()
     try:
         torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
-        breaks_now = collections.Counter(breaks) - breaks_before
+        breaks_now = graph_break_counts() - breaks_before
         torch._dynamo.reset()
     report = backend.report
+    report.graph_breaks = dict(breaks_now)  # also those after the last compiled graph
     reason = "not seen by the backend — Dynamo ran it outside a compiled graph; " + _describe(breaks_now)
     report.not_seen = [
         UnseenLayer(path, reason)

@@ -21,12 +21,12 @@ _graph_ids = itertools.count()
 _last_report = Report()
 
 
-def _graph_break_counts() -> collections.Counter:
+def graph_break_counts() -> collections.Counter:
     """Dynamo's graph-break reasons so far (``torch._dynamo.reset()`` clears them)."""
     return collections.Counter(torch._dynamo.utils.counters["graph_break"])
 
 
-_last_report_breaks_from = _graph_break_counts()
+_last_report_breaks_from = graph_break_counts()
 
 _DDP_BUCKET_HINT = (
     "this graph is one of the pieces Dynamo's DDPOptimizer cut at DDP bucket boundaries, which can split a "
@@ -72,7 +72,7 @@ class DoraBackend:
         self.inner = inner
         self.rewrite = rewrite
         self.report = Report()
-        self._breaks_from = _graph_break_counts()
+        self._breaks_from = graph_break_counts()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         graph_id = next(_graph_ids)
@@ -86,7 +86,7 @@ class DoraBackend:
             ]
         self.report.graphs.append(graph_report)
         _last_report.graphs.append(graph_report)
-        breaks = _graph_break_counts()
+        breaks = graph_break_counts()
         self.report.graph_breaks = dict(breaks - self._breaks_from)
         _last_report.graph_breaks = dict(breaks - _last_report_breaks_from)
         log.info(
@@ -107,7 +107,7 @@ def reset_report() -> None:
     global _last_report_breaks_from
     _last_report.graphs.clear()
     _last_report.graph_breaks = {}
-    _last_report_breaks_from = _graph_break_counts()
+    _last_report_breaks_from = graph_break_counts()
 
 
 def last_report() -> Report:
