@@ -14,12 +14,12 @@ Rewrite to::
     norm = dora_fx.weight_norm_4bit(packed, absmax, blocksize, quant_type, shape, dtype, A, B, s)
     norm = dora_fx.weight_norm_int8(weight, scales, A, B, s)
 
-A torchao weight (``W = weight.dequantize()``, traced through torchao's tensor subclass) keeps
-``dora_fx.weight_norm`` on the dequantized ``W``: the dense ``B·A`` is gone, the dense ``W`` is not.
-
 so the norm never holds the dense ``[d_out, d_in]`` weight (:mod:`dora_fx.quantized`). The
 dequantization stays only where something else reads it: the recomputed base GEMM of PEFT's dropout
 path, ``linear(dropout(x), W)``.
+
+A torchao weight (``W = weight.dequantize()``, traced through torchao's tensor subclass) keeps
+``dora_fx.weight_norm`` on the dequantized ``W``: the dense ``B·A`` is gone, the dense ``W`` is not.
 """
 
 from __future__ import annotations
