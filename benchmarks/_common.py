@@ -50,6 +50,18 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
             "dora_fx_cached": compiled}
 
 
+def add_llama_shape_arguments(parser) -> None:
+    """The Llama-stack shape options shared by bench_model.py and bench_qdora.py (defaults: Llama-3-8B's
+    layer shapes on CUDA, tiny ones on the CPU; each script fills them in)."""
+    parser.add_argument("--hidden", type=int, help="hidden size (default 4096; cpu: 64)")
+    parser.add_argument("--intermediate", type=int, help="MLP size (default 14336; cpu: 224)")
+    parser.add_argument("--heads", type=int, help="attention heads (default 32; cpu: 4)")
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default 8; cpu: 2)")
+    parser.add_argument("--vocab", type=int, help="vocabulary (default 1024; cpu: 128)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--b-std", type=float, default=0.02, help="std of the random LoRA B")
+
+
 def lm_forward(fn: Callable, batch: dict) -> Callable[[], torch.Tensor]:
     """A call of ``fn`` (a causal LM, eager or compiled) on ``batch``'s token ids: the logits."""
     return lambda: fn(input_ids=batch["input_ids"]).logits
