@@ -217,7 +217,7 @@ def _dense_row_squares(
 def _finish_rows(
     squared, size, out_ptr, w_ptr, a_ptr, b_ptr, row_start, d_out, d_in, r, s,
     stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr,
+    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DENSE_ROWS: tl.constexpr,
     DENSE_UPCAST: tl.constexpr,
 ):
@@ -225,16 +225,22 @@ def _finish_rows(
     ``squared`` and its non-negative part ``size = ||W_i||² + s²||(B A)_i||²``.
 
     ``|2s<B_i, U_i>| = |squared - size|``, so ``a_i = (size + |squared - size|) / squared`` is the
-    amplification of rounding errors by cancellation. Rows with ``a_i > AMPLIFICATION_LIMIT`` (or a
-    non-positive ``squared`` next to a positive ``size``) are marked ``-1`` in ``out`` and then
-    recomputed densely by :func:`_dense_row_squares`, ``DENSE_ROWS`` rows at a time and only in the
-    groups of rows that hold a marked one; a block without such rows pays one comparison. Zero rows
-    (``size = squared = 0``) and non-finite sums are not flagged. Norms are ``sqrt(max(·, 0))``.
+    amplification of rounding errors by cancellation. With ``DENSE_FALLBACK``, rows with a positive
+    ``size`` whose ``squared`` is not positive (fully cancelled) or whose ``a_i > AMPLIFICATION_LIMIT``
+    are marked ``-1`` in ``out`` and then recomputed densely by :func:`_dense_row_squares`,
+    ``DENSE_ROWS`` rows at a time and only in the groups of rows that hold a marked one; a block
+    without such rows pays one comparison. Zero rows (``size = 0``) and NaN sums are not flagged.
+    Without ``DENSE_FALLBACK`` (tests only) nothing is. Norms are ``sqrt(max(·, 0))``.
     """
     rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask = rows < d_out
-    flagged = mask & (size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared)
-    tl.store(out_ptr + rows, tl.where(flagged, -1.0, tl.sqrt_rn(tl.maximum(squared, 0.0))), mask=mask)
+    norms = tl.sqrt_rn(tl.maximum(squared, 0.0))
+    if not DENSE_FALLBACK:
+        tl.store(out_ptr + rows, norms, mask=mask)
+        return
+    amplified = size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared
+    flagged = mask & (size > 0.0) & ((squared <= 0.0) | amplified)
+    tl.store(out_ptr + rows, tl.where(flagged, -1.0, norms), mask=mask)
     if tl.sum(flagged.to(tl.int32), axis=0) > 0:
         tl.debug_barrier()  # the marks are visible to every thread of the program
         for group in range(0, BLOCK_M, DENSE_ROWS):
@@ -276,6 +282,7 @@ def _norm_kernel(
     stride_pt,
     stride_pn,
     AMPLIFICATION_LIMIT: tl.constexpr,
+    DENSE_FALLBACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -385,7 +392,7 @@ def _norm_kernel(
         _finish_rows(
             squared, size, out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
             stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-            AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+            AMPLIFICATION_LIMIT, DENSE_FALLBACK, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
         )
     else:
         num_parts = num_n * num_k
@@ -400,7 +407,7 @@ def _norm_kernel(
                 column_sums(partial_ptr + stride_pt, stride_pn, num_parts, offs_m, mask_m, BLOCK_P, BLOCK_M),
                 out_ptr, w_ptr, a_ptr, b_ptr, pid_m * BLOCK_M, d_out, d_in, r, s,
                 stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-                AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+                AMPLIFICATION_LIMIT, DENSE_FALLBACK, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
             )
 
 
@@ -421,6 +428,7 @@ class NormConfig:
     block_r: int | None = None
     round_robin_squares: bool = True
     squares_own_load: bool = False
+    dense_fallback: bool = True  # False only in tests: the factored sum even where it cancelled
 
 
 def _pow2_at_least(n: int, low: int = 16) -> int:
@@ -493,11 +501,6 @@ def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: 
         num_stages=1 if interpreting else 3,
     )
     return partial
-
-
-# Rows whose factored sum amplifies rounding errors more than this are recomputed densely (see
-# ``_finish_rows``): fp32 keeps at least ``-log2(eps · limit)`` ≈ 13 bits of their squared norm.
-AMPLIFICATION_LIMIT = 1024.0
 
 
 def weight_norm(
@@ -589,7 +592,8 @@ def weight_norm(
         gram.stride(1),
         partial.stride(0),
         partial.stride(1),
-        AMPLIFICATION_LIMIT=AMPLIFICATION_LIMIT,
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT,
+        DENSE_FALLBACK=cfg.dense_fallback,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

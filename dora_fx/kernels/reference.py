@@ -17,7 +17,7 @@ def norm_dtype(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor)
 
 
 # Rows whose factored sum amplifies rounding errors more than this get their squared norm recomputed
-# densely (the same limit as the Triton kernel, ``dora_fx.kernels.norm.AMPLIFICATION_LIMIT``).
+# densely, here and in the Triton kernel: fp32 keeps at least ``-log2(eps · limit)`` ≈ 13 bits of it.
 AMPLIFICATION_LIMIT = 1024.0
 # The reference recomputes at most this many rows per call (the most amplified ones): a fixed number,
 # so that the math has static shapes and Inductor can trace it.
@@ -59,6 +59,14 @@ def weight_norm(
     return squared.clamp_min(0.0).sqrt()
 
 
+def cancelled_rows(squared: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Rows to recompute densely: a positive ``size`` and a factored ``squared`` that is not positive
+    (fully cancelled) or amplifies rounding errors more than :data:`AMPLIFICATION_LIMIT`. Zero rows
+    (``size = 0``) and NaN sums are left as they are."""
+    amplified = size + (squared - size).abs() > AMPLIFICATION_LIMIT * squared
+    return (size > 0) & ((squared <= 0) | amplified)
+
+
 def _dense_fallback(
     squared: torch.Tensor, size: torch.Tensor, w_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -67,7 +75,7 @@ def _dense_fallback(
     Static shapes throughout: a fixed number of candidate rows (``topk``), recomputed whether or not
     they need it, and written back only where they do.
     """
-    flagged = size + (squared - size).abs() > AMPLIFICATION_LIMIT * squared
+    flagged = cancelled_rows(squared, size)
     # Flagged rows first, the most amplified first (a row with squared <= 0 < size counts as infinite).
     amplification = torch.where(squared > 0, (size + (squared - size).abs()) / squared, torch.inf)
     score = torch.where(flagged, amplification, -1.0)

@@ -6,6 +6,8 @@ custom op inside ``torch.compile`` launching the kernel.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -147,10 +149,16 @@ def _assert_same_rows(got, expected):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
+def _without_fallback(config, d_out, d_in, r):
+    """``config`` (or the default one for the shape) with the dense recomputation switched off."""
+    config = config or norm.norm_config(d_out, d_in, r, torch.device(SMALL_SHAPE_DEVICE))
+    return dataclasses.replace(config, dense_fallback=False)
+
+
 @pytest.mark.parametrize("config", [None, _SPLIT], ids=["single-part", "split"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype, monkeypatch):
+def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype):
     """Rows with ``norm_i ≈ 1e-4·||W_i||`` (fp32; amplification ~2e8, no digits left in the factored sum)
     or ``1e-3·||W_i||`` (bf16) come out as accurate as the dense form in float32; every other row is
     bit-for-bit what it is without the fallback; without it the fp32 cancelled rows are far off.
@@ -162,21 +170,19 @@ def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype, mo
     got = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=config)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 1.5, fan_in_fan_out)
     assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-6, (ours[rows], dense[rows])
-    monkeypatch.setattr(norm, "AMPLIFICATION_LIMIT", float("inf"))
-    factored = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=config)
+    factored = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=_without_fallback(config, 33, 130, 37))
     others = [i for i in range(33) if i not in rows]
     _assert_same_rows(factored[others], got[others])
     if dtype == torch.float32:  # bf16 inputs: sums of exact bf16 products stay (nearly) exact in fp32 here
         assert _relative_errors(factored, weight, lora_A, lora_B, 1.5, fan_in_fan_out)[0][rows].max() > 1e-2
 
 
-def test_moderate_cancellation_stays_factored(monkeypatch):
+def test_moderate_cancellation_stays_factored():
     """Rows with amplification ~200, below the limit: the factored value, within ``2·eps·a`` of exact."""
     rows = list(range(0, 33, 3))
     weight, lora_A, lora_B = _cancelling(33, 64, 8, torch.float32, False, 2.0, 0.1, rows, seed=9)
     got = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
-    monkeypatch.setattr(norm, "AMPLIFICATION_LIMIT", float("inf"))
-    _assert_same_rows(norm.weight_norm(weight, lora_A, lora_B, 2.0, False), got)
+    _assert_same_rows(norm.weight_norm(weight, lora_A, lora_B, 2.0, False, config=_without_fallback(None, 33, 64, 8)), got)
     ours, _ = _relative_errors(got, weight, lora_A, lora_B, 2.0, False)
     assert ours.max() < 2 * _FACTORED_EPS * 400
 
@@ -309,3 +315,12 @@ def test_cuda_launches():
     assert triton_kernels == ["_prepare_kernel", "_norm_kernel"], kernels
     cublas_kernels = [name for name in kernels if not name.startswith("_")]
     assert 1 <= len(cublas_kernels) <= 2, kernels
+
+
+def test_cancelled_rows_rule():
+    """The rows the dense recomputation takes: a positive size with a non-positive factored sum, or an
+    amplification above the limit; never zero rows or NaN sums."""
+    limit = reference.AMPLIFICATION_LIMIT
+    size = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 1.0])
+    squared = torch.tensor([-1e-9, 0.0, 0.5, 1.5 / (limit + 1), 0.0, 1.0, float("nan")])
+    assert reference.cancelled_rows(squared, size).tolist() == [True, True, False, True, False, False, False]
