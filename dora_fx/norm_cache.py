@@ -1,77 +1,110 @@
-"""Reuse the DoRA weight norm while W, A and B are unchanged (eval without a user flag).
+"""Reuse values computed from tensors while those tensors are unchanged: the DoRA weight norm, ``||W||²``.
 
-In eval the norm ``||W + s·B·A||_row`` is a constant, yet PEFT recomputes it on every call. The
-``dora_fx::cached_weight_norm`` op keeps the last norm per ``(W, A, B, s, fan_in_fan_out)`` and returns a copy
-while each of the three tensors is the same object, with the same storage and the same autograd
-version counter. Anything that writes them through autograd-visible ops (an optimizer step,
-``load_state_dict``, ``copy_``/``mul_`` under ``no_grad``), rebinds ``.data``, or swaps the tensors
-(``set_adapter``, merging) invalidates the entry. In training every step changes A and B, so the norm
-is recomputed each step, as it must be.
+Between optimizer steps the norm ``||W + s·B·A||_row`` is a constant (PEFT detaches it), yet PEFT
+recomputes it in every forward: every eval call, every gradient-accumulation micro-batch, every
+activation-checkpoint recomputation. The ``dora_fx::cached_weight_norm`` op keeps the last norm per
+``(W, A, B, s, fan_in_fan_out)`` and returns a copy while each of the three tensors is the same
+object, with the same storage and the same autograd version counter. Anything that writes them
+through autograd-visible ops (an optimizer step, ``load_state_dict``, ``copy_``/``mul_`` under
+``no_grad``), rebinds ``.data``, or swaps the tensors (``set_adapter``, merging) invalidates the entry.
+The frozen base weight's row sums ``||W_i||²`` are kept the same way (:func:`row_squares`), so a
+recomputed norm need not read ``W`` for them.
 
 Writes through ``tensor.data`` (``p.data.add_(...)``) bypass the version counter; call
-:func:`clear` after such writes. During CUDA graph capture nothing is cached.
+:func:`clear` after such writes. Inference tensors (no version counter) and values produced during
+CUDA graph capture are never kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
+from collections.abc import Callable, Hashable
 
 import torch
 
 _MAX_ENTRIES_BEFORE_PRUNING = 4096
 
 
-@dataclasses.dataclass
-class _Entry:
-    refs: tuple[weakref.ref, weakref.ref, weakref.ref]
-    state: tuple[int, ...]
-    norm: torch.Tensor
-
-    def matches(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
-        w, a, b = self.refs
-        return w() is weight and a() is lora_A and b() is lora_B and self.state == _state(weight, lora_A, lora_B)
+def _state(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
 
 
-_entries: dict[tuple, _Entry] = {}
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _state(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[int, ...]:
-    return (weight._version, lora_A._version, lora_B._version, weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr())
+class VersionedCache:
+    """Values keyed on tensors, valid while each tensor is the same object with the same storage and
+    version counter (plus a hashable ``extra`` part of the key)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: Hashable = ()):
+        """The value kept for ``tensors`` and ``extra``, or ``None``: a dict lookup, identity checks and
+        integer comparisons."""
+        entry = self._entries.get((*map(id, tensors), extra))
+        if entry is None or _capturing(tensors[0]):
+            return None
+        refs, state, value = entry
+        if any(ref() is not t for ref, t in zip(refs, tensors)) or state != _state(tensors):
+            return None
+        return value
+
+    def put(self, tensors: tuple[torch.Tensor, ...], extra: Hashable, value) -> None:
+        """Keep ``value`` for ``tensors`` and ``extra``, where allowed (not for inference tensors, not
+        during CUDA graph capture)."""
+        if any(t.is_inference() for t in tensors) or _capturing(tensors[0]):
+            return
+        if len(self._entries) >= _MAX_ENTRIES_BEFORE_PRUNING:
+            for stale in [k for k, (refs, _, _) in self._entries.items() if any(r() is None for r in refs)]:
+                del self._entries[stale]
+        self._entries[(*map(id, tensors), extra)] = (tuple(map(weakref.ref, tensors)), _state(tensors), value)
+
+    def get_or_compute(self, tensors: tuple[torch.Tensor, ...], extra: Hashable, compute: Callable[[], object]):
+        value = self.get(tensors, extra)
+        if value is None:
+            value = compute()
+            self.put(tensors, extra, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
-def _capturing(weight: torch.Tensor) -> bool:
-    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+_norms = VersionedCache()
+_squares = VersionedCache()
 
 
 def clear() -> None:
-    """Forget every cached norm."""
-    _entries.clear()
+    """Forget every cached norm and ``||W||²``."""
+    _norms.clear()
+    _squares.clear()
 
 
 def lookup(weight, lora_A, lora_B, scaling: float, fan_in_fan_out: bool) -> torch.Tensor | None:
     """A copy of the norm cached for these tensors, or ``None`` when there is none to reuse.
 
-    The hit path of :func:`dora_fx.ops.cached_weight_norm`, kept to a dict lookup, three identity
-    checks, six integer comparisons and one copy: an entry only exists for tensors that passed the
-    op's checks, and the tensors it names are the same objects with the same storage and versions.
+    The hit path of :func:`dora_fx.ops.cached_weight_norm`: an entry only exists for tensors that
+    passed the op's checks. A copy, because the caller (Inductor included) may reuse or overwrite the
+    buffer it gets.
     """
-    entry = _entries.get((id(weight), id(lora_A), id(lora_B), scaling, fan_in_fan_out))
-    if entry is None or not entry.matches(weight, lora_A, lora_B) or _capturing(weight):
-        return None
-    # A copy: the caller (Inductor included) may reuse or overwrite the buffer it gets.
-    return entry.norm.clone()
+    norm = _norms.get((weight, lora_A, lora_B), (scaling, fan_in_fan_out))
+    return None if norm is None else norm.clone()
 
 
 def store(weight, lora_A, lora_B, scaling: float, fan_in_fan_out: bool, norm: torch.Tensor) -> torch.Tensor:
     """Keeps ``norm`` for later :func:`lookup` calls where allowed; returns a copy of it."""
-    tensors = (weight, lora_A, lora_B)
-    # Inference tensors carry no version counter; during CUDA graph capture nothing is kept.
-    if any(t.is_inference() for t in tensors) or _capturing(weight):
-        return norm
-    if len(_entries) >= _MAX_ENTRIES_BEFORE_PRUNING:
-        for stale in [k for k, e in _entries.items() if any(r() is None for r in e.refs)]:
-            del _entries[stale]
-    key = (*map(id, tensors), scaling, fan_in_fan_out)
-    _entries[key] = _Entry(tuple(map(weakref.ref, tensors)), _state(*tensors), norm)
+    _norms.put((weight, lora_A, lora_B), (scaling, fan_in_fan_out), norm)
     return norm.clone()
+
+
+def row_squares(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``||W_i||²`` over the rows of ``W`` (``W = weight.T`` when ``fan_in_fan_out``) in float32,
+    computed once while ``weight`` is unchanged."""
+
+    def compute() -> torch.Tensor:
+        w_rows = weight.T if fan_in_fan_out else weight
+        return torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
+
+    return _squares.get_or_compute((weight,), fan_in_fan_out, compute)

@@ -17,6 +17,12 @@
     ``lora`` and ``magnitude``; its backward is ``dora_fx::compose_backward``. The rewrite uses it
     where the magnitude needs no gradient (inference, a frozen magnitude): then its backward keeps no
     activation at all.
+``dora_fx::compose_saving_output``
+    ``compose`` for PEFT's reused base without bias (``out = g·(result + s·lora)``), whose backward
+    keeps the output itself, which the layer's consumer usually keeps anyway, in place of
+    ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
+    gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which recomputes ``adapted`` for
+    those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A`` and ``B``.
 ``dora_fx::compose_with_adapted``
     The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one
     activation the magnitude's gradient needs (``∂out/∂m = adapted / norm``). Its autograd keeps
@@ -121,7 +127,8 @@ def cached_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
         return hit
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
     with torch.no_grad():
-        norm = weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+        squares = norm_cache.row_squares(weight, fan_in_fan_out)
+        norm = dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out, squares)
     return norm_cache.store(weight, lora_A, lora_B, scaling, fan_in_fan_out, norm)
 
 
@@ -229,9 +236,10 @@ def compose_backward(
     base_given: bool,
     main_dtype: torch.dtype,
     lora_dtype: torch.dtype,
+    from_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.call(
-        "compose_backward", grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype
+        "compose_backward", grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype, from_output
     )
 
 
@@ -306,3 +314,72 @@ def _compose_with_adapted_backward(ctx, grad_out, _grad_adapted):
 compose_with_adapted.register_autograd(
     _compose_with_adapted_backward, setup_context=_compose_with_adapted_setup_context
 )
+
+
+@torch.library.triton_op("dora_fx::compose_saving_output", mutates_args=())
+def compose_saving_output(
+    result: Tensor,
+    lora: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    scaling: float,
+    lora_input: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    fan_in_fan_out: bool,
+) -> Tensor:
+    _check_compose_inputs(result, None, None, lora, magnitude, norm)
+    return dispatch.call("compose", result, None, None, lora, magnitude, norm, scaling)
+
+
+def _compose_saving_output_setup_context(ctx, inputs, output):
+    result, lora, magnitude, norm, scaling, lora_input, weight, lora_A, lora_B, fan_in_fan_out = inputs
+    _remember_form(ctx, (result, None, None, lora, magnitude, norm, scaling))
+    ctx.fan_in_fan_out = fan_in_fan_out
+    kept = (output, lora_input, weight, lora_A, lora_B) if ctx.needs_input_grad[2] else (None,) * 5
+    ctx.save_for_backward(magnitude, norm, *kept)
+
+
+def _compose_saving_output_backward(ctx, grad_out):
+    magnitude, norm, output, lora_input, weight, lora_A, lora_B = ctx.saved_tensors
+    if output is None:
+        grad_main, grad_lora = reference.input_gradients(
+            grad_out, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype
+        )
+        return grad_main, grad_lora, None, None, None, None, None, None, None, None
+    grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+        grad_out, output, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype, True
+    )
+    at_zero = torch.ops.dora_fx.zero_magnitude_grad(
+        grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
+    )
+    grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
+    return grad_main, grad_lora, grad_magnitude, None, None, None, None, None, None, None
+
+
+compose_saving_output.register_autograd(
+    _compose_saving_output_backward, setup_context=_compose_saving_output_setup_context
+)
+
+
+@torch.library.custom_op("dora_fx::zero_magnitude_grad", mutates_args=())
+def zero_magnitude_grad(
+    grad_out: Tensor,
+    lora_input: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    magnitude: Tensor,
+    norm: Tensor,
+    fan_in_fan_out: bool,
+) -> Tensor:
+    return dispatch.call(
+        "zero_magnitude_grad", grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out
+    )
+
+
+@zero_magnitude_grad.register_fake
+def _zero_magnitude_grad_fake(grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out):
+    return magnitude.new_empty(magnitude.shape, dtype=torch.float32)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 
 import torch
+
+from dora_fx import norm_cache
+from dora_fx.kernels import reference
 
 Tensor = torch.Tensor
 
@@ -163,21 +165,6 @@ def chunk_rows(weight: Packed4bit | Int8Rows) -> int:
     return max(step, CHUNK_ELEMENTS // max(weight.shape[1], 1) // step * step)
 
 
-def _mm_to_float32_in_place(x: Tensor, y: Tensor) -> bool:
-    """Whether ``x @ y`` can run on its 16-bit operands with a float32 result (CUDA's ``mm.dtype``)."""
-    same_16bit = x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
-    return x.is_cuda and same_16bit and hasattr(torch.ops.aten.mm, "dtype")
-
-
-def _matmul_float32(x: Tensor, y: Tensor) -> Tensor:
-    """``x @ y`` accumulated and returned in float32; on CUDA, 16-bit operands go to the tensor cores
-    as they are, without float32 copies. Elsewhere (and on a torch without that ``mm`` overload) the
-    operands are upcast first."""
-    if _mm_to_float32_in_place(x, y):
-        return torch.ops.aten.mm.dtype(x, y, torch.float32)
-    return x.float() @ y.float()
-
-
 def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """Row norms of ``W + s·B·A`` in float32, reading ``W`` a block of rows at a time.
 
@@ -186,15 +173,15 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     """
     d_out, _ = weight.shape
     w_squared = row_squares(weight)
-    gram = _matmul_float32(lora_A, lora_A.T)  # [r, r]
+    gram = reference.matmul_float32(lora_A, lora_A.T)  # [r, r]
     a_t = lora_A.T
-    if lora_A.dtype != weight.dtype or not _mm_to_float32_in_place(lora_A, a_t):
+    if lora_A.dtype != weight.dtype or not reference.mm_to_float32_in_place(lora_A, a_t):
         a_t = a_t.float()  # upcast once, not per chunk
     out = torch.empty(d_out, dtype=torch.float32, device=lora_A.device)
     step = chunk_rows(weight)
     for start in range(0, d_out, step):
         stop = min(start + step, d_out)
-        u = _matmul_float32(weight.rows(start, stop), a_t)  # [rows, r]: (W·Aᵀ)_i
+        u = reference.matmul_float32(weight.rows(start, stop), a_t)  # [rows, r]: (W·Aᵀ)_i
         b = lora_B[start:stop].float()
         # <B_i, 2s·U_i + s²·(B G)_i>: the cross and LoRA terms in one product
         terms = torch.addmm(u, b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
@@ -202,14 +189,7 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     return out.clamp_min_(0.0).sqrt_()
 
 
-@dataclasses.dataclass
-class _SquaresEntry:
-    ref: weakref.ref
-    state: tuple[int, int]
-    squares: Tensor
-
-
-_squares: dict[tuple, _SquaresEntry] = {}
+_squares = norm_cache.VersionedCache()
 
 
 def _compute_row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
@@ -231,17 +211,7 @@ def row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
     Not cached for inference tensors (no version counter) or during CUDA graph capture. Writes
     through ``.data`` bypass the version counter: call :func:`clear` after them.
     """
-    source = weight.stored
-    if source.is_inference() or (source.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _compute_row_squares(weight)
-    key = (id(source), weight.layout)
-    state = (source._version, source.data_ptr())
-    entry = _squares.get(key)
-    if entry is None or entry.ref() is not source or entry.state != state:
-        for stale in [k for k, e in _squares.items() if e.ref() is None]:
-            del _squares[stale]
-        entry = _squares[key] = _SquaresEntry(weakref.ref(source), state, _compute_row_squares(weight))
-    return entry.squares
+    return _squares.get_or_compute((weight.stored,), weight.layout, lambda: _compute_row_squares(weight))
 
 
 def clear() -> None:

@@ -82,9 +82,13 @@ def test_rewritten_graph_has_no_dense_product_and_no_eye(name, dropout):
     assert len(backend.report.rewrites) == example.dora_layers
     assert _graph_forms_dense_product(gm, backend.report.rewrites) == []
     targets = [n.target for n in gm.graph.nodes]
-    assert targets.count(torch.ops.dora_fx.weight_norm.default) == example.dora_layers
-    # Grad mode is on: the graph differentiates the magnitude, so compose keeps `adapted` for it.
-    assert targets.count(torch.ops.dora_fx.compose_with_adapted.default) == example.dora_layers
+    assert targets.count(torch.ops.dora_fx.cached_weight_norm.default) == example.dora_layers
+    # Grad mode is on: the graph differentiates the magnitude. Where out = g·adapted (reused base, no
+    # bias) compose's backward keeps the output; elsewhere it keeps `adapted`.
+    keeps_output = sum(r.variant.removesuffix(", fan_in_fan_out") == "reused base" for r in backend.report.rewrites)
+    assert targets.count(torch.ops.dora_fx.compose_saving_output.default) == keeps_output
+    assert targets.count(torch.ops.dora_fx.compose_with_adapted.default) == example.dora_layers - keeps_output
+    assert keeps_output == (example.dora_layers if dropout == 0 and name == "llama" else 0)
 
 
 def test_unrewritten_graph_does_form_the_dense_product():

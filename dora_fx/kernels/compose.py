@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dora_fx.kernels import reference
+from dora_fx.kernels import launch, reference
 from dora_fx.kernels.launch import launchable, num_sms
-from dora_fx.kernels.reductions import column_sums
+from dora_fx.kernels.reductions import column_sums, mma
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,13 @@ def _compose_backward_kernel(
 
 @triton.jit
 def _column_sum_kernel(
-    partial_ptr, norm_ptr, out_ptr, n_parts, n_cols, stride_partial, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
+    partial_ptr, divisor_ptr, out_ptr, n_parts, n_cols, stride_partial, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
 ):
-    """``out[j] = (Σ_t P[t, j]) / norm[j]`` in float32, rounded once to ``out``'s dtype."""
+    """``out[j] = (Σ_t P[t, j]) / divisor[j]`` in float32, rounded once to ``out``'s dtype."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     total = column_sums(partial_ptr, stride_partial, n_parts, cols, mask, BLOCK_P, BLOCK_N)
-    n = tl.load(norm_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+    n = tl.load(divisor_ptr + cols, mask=mask, other=1.0).to(tl.float32)
     tl.store(out_ptr + cols, tl.div_rn(total, n), mask=mask)
 
 
@@ -300,14 +300,16 @@ def compose_backward(
     base_given: bool,
     main_dtype: torch.dtype,
     lora_dtype: torch.dtype,
+    from_output: bool = False,
     *,
     config: ComposeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_main, grad_lora, grad_magnitude)`` as :func:`reference.compose_backward`, in one pass
-    over ``grad_out`` and ``adapted``; float64 inputs go to the reference math."""
+    over ``grad_out`` and ``adapted`` (or the output, ``from_output``); float64 inputs go to the
+    reference math."""
     if _uses_float64(grad_out, adapted, magnitude, norm):
         return reference.compose_backward(
-            grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype
+            grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype, from_output
         )
     n_cols = grad_out.shape[-1]
     n_rows = grad_out.numel() // n_cols if n_cols else 0
@@ -352,7 +354,98 @@ def compose_backward(
     block_p = min(32, triton.next_power_of_2(strips))
     block = min(max(32, 2048 // block_p), triton.next_power_of_2(n_cols))
     launchable(_column_sum_kernel, partial)[(triton.cdiv(n_cols, block),)](
-        partial, _vector(norm), grad_magnitude, strips, n_cols, partial.stride(0),
+        partial, _vector(magnitude if from_output else norm), grad_magnitude, strips, n_cols, partial.stride(0),
         BLOCK_P=block_p, BLOCK_N=block, num_warps=4,
     )
     return _finish(grad_main, grad_main2), _finish(grad_lora, grad_lora2), grad_magnitude
+
+
+@triton.jit
+def _zero_magnitude_grad_kernel(
+    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, n_rows, d_out, d_in, r, scaling,
+    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``out[j] = Σ_t d[t, j]·((W + s·B·A)_j · x_t) / norm_j`` for the features ``j`` with ``m_j = 0``,
+    ``0`` for the others: the magnitude's gradient where the output (``g = 0``) cannot give back
+    ``adapted = (W + s·B·A)·x``.
+
+    A program owns ``BLOCK_N`` features and returns at once when none of them has ``m_j = 0``, so the
+    launch costs next to nothing without such features. Otherwise, tile by tile,
+    ``adapted[T, N] = x[T, :]·(Wᵀ[:, N] + s·Aᵀ B[N]ᵀ)`` (float32, ``tf32x3``), never kept beyond a
+    ``[BLOCK_T, BLOCK_N]`` tile, and summed against ``d``.
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < d_out
+    zero = mask_n & (tl.load(m_ptr + cols, mask=mask_n, other=1.0) == 0.0)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if tl.sum(zero.to(tl.int32), axis=0) > 0:
+        s = tl.cast(scaling, tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        for t in range(0, n_rows, BLOCK_T):
+            rows = (t + offs_t).to(tl.int64)
+            mask_t = rows < n_rows
+            adapted = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            for k in range(0, d_in, BLOCK_K):
+                ks = (k + offs_k).to(tl.int64)
+                mask_k = ks < d_in
+                x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                w_t = tl.load(
+                    w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk,
+                    mask=mask_k[:, None] & zero[None, :],
+                    other=0.0,
+                ).to(tl.float32)  # [K, N]
+                ba_t = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+                for j in range(0, r, BLOCK_R):
+                    mask_r = (j + offs_r) < r
+                    a_t = tl.load(
+                        a_ptr + (j + offs_r)[None, :] * stride_ar + ks[:, None] * stride_ak,
+                        mask=mask_k[:, None] & mask_r[None, :],
+                        other=0.0,
+                    )  # [K, R]
+                    b_t = tl.load(
+                        b_ptr + cols[None, :] * stride_bm + (j + offs_r)[:, None] * stride_br,
+                        mask=mask_r[:, None] & zero[None, :],
+                        other=0.0,
+                    )  # [R, N]
+                    ba_t = mma(a_t, b_t, ba_t, UPCAST)
+                adapted = tl.dot(x.to(tl.float32), w_t + s * ba_t, adapted, input_precision="tf32x3")
+            d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask_t[:, None] & zero[None, :], other=0.0)
+            total += tl.sum(d.to(tl.float32) * adapted, axis=0)
+        n = tl.load(norm_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
+        total = tl.where(zero, tl.div_rn(total, n), 0.0)
+    tl.store(out_ptr + cols, total, mask=mask_n)
+
+
+def zero_magnitude_grad(
+    grad_out: torch.Tensor,
+    lora_input: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """float32 ``[d_out]``: the magnitude's gradient at the features with ``m = 0``, ``0`` elsewhere,
+    as :func:`reference.zero_magnitude_grad`, without a host synchronisation."""
+    d_out, d_in = lora_B.shape[0], lora_A.shape[1]
+    out = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
+    grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
+    x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
+    stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
+    interpreting = launch.interpreting()
+    upcast = lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float16, torch.bfloat16) or interpreting
+    block_n = 16
+    launchable(_zero_magnitude_grad_kernel, grad_out)[(triton.cdiv(d_out, block_n),)](
+        grad2, x2, weight, lora_A, lora_B, _vector(magnitude), _vector(norm), out, grad2.shape[0], d_out, d_in,
+        lora_A.shape[0], float(scaling), grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        BLOCK_N=block_n, BLOCK_T=32 if interpreting else 64, BLOCK_K=32 if interpreting else 64, BLOCK_R=16,
+        UPCAST=upcast, num_warps=4,
+    )
+    return out

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from dora_fx.kernels import reference
+from dora_fx.kernels import launch, reference
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,12 @@ _KERNEL_MODULE = {
     "compose": "dora_fx.kernels.compose",
     "compose_with_adapted": "dora_fx.kernels.compose",
     "compose_backward": "dora_fx.kernels.compose",
+    "zero_magnitude_grad": "dora_fx.kernels.compose",
 }
+# Ops whose plain-PyTorch math is what torch.compile traces, so that Inductor fuses it with the
+# neighbouring pointwise ops (the layer's consumer, the residual add, the backward's gradient scaling)
+# instead of launching a kernel of its own; called outside tracing they launch their Triton kernel.
+TRACED_AS_REFERENCE = {"compose", "compose_with_adapted", "compose_backward"}
 _reported_failures: set[tuple[str, str]] = set()
 
 
@@ -40,6 +45,10 @@ def _on_cuda(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 
+def _traced(args) -> bool:
+    return not launch.runs_now(next(a for a in args if isinstance(a, torch.Tensor)))
+
+
 def _report_failure(name: str, exc: Exception) -> None:
     key = (name, type(exc).__name__)
     if key in _reported_failures:
@@ -52,6 +61,8 @@ def _report_failure(name: str, exc: Exception) -> None:
 
 def call(name: str, *args):
     """Run op ``name`` on ``args`` with its Triton kernel where it applies, else the reference."""
+    if name in TRACED_AS_REFERENCE and _traced(args):
+        return getattr(reference, name)(*args)
     if _on_cuda(args) and triton_available():
         try:  # a broken Triton install can already fail on import
             kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)

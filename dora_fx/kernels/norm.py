@@ -57,23 +57,9 @@ import triton.language as tl
 from dora_fx.kernels import reference
 from dora_fx.kernels import launch
 from dora_fx.kernels.launch import launchable, num_sms
-from dora_fx.kernels.reductions import column_sums
+from dora_fx.kernels.reductions import column_sums, mma
 
 log = logging.getLogger(__name__)
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation.
-
-    ``UPCAST`` runs the product on float32 operands with ``tf32x3`` (about fp32 accuracy); it is used
-    for float32 or mixed-dtype inputs, and for bf16 under the Triton interpreter, whose ``tl.dot``
-    multiplies the raw bf16 bit patterns as integers (bf16 products are exact in fp32, so the
-    upcast changes nothing but the accumulation order).
-    """
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -121,7 +107,7 @@ def _gram_kernel(
             k_left = k_stop - k
             ai = tl.load(ai_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
             aj = tl.load(aj_ptrs, mask=mask_j[None, :] & (offs_k[:, None] < k_left), other=0.0)
-        acc = _mma(ai, aj, acc, UPCAST)
+        acc = mma(ai, aj, acc, UPCAST)
         ai_ptrs += BLOCK_K * stride_ak
         aj_ptrs += BLOCK_K * stride_ak
     base = partial_ptr + pid_s * stride_ps
@@ -207,7 +193,7 @@ def _dense_row_squares(
                 mask=mask_r[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            ba = _mma(b, a, ba, UPCAST)
+            ba = mma(b, a, ba, UPCAST)
         v = w + s * ba
         total += tl.sum(v * v, axis=1)
     return total
@@ -350,7 +336,7 @@ def _norm_kernel(
             w_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
             a = tl.load(a_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        acc = _mma(w, a, acc, UPCAST)
+        acc = mma(w, a, acc, UPCAST)
         if ROUND_ROBIN_SQUARES:
             if it % num_n == pid_n:
                 w_sq += _row_squares(w, w_ptrs, w_mask, SQUARES_OWN_LOAD)
@@ -376,8 +362,8 @@ def _norm_kernel(
         g_mask = mask_r[:, None] & mask_n[None, :]
         g = tl.load(g_ptr + g_offs, mask=g_mask, other=0.0)
         if SPLIT_G_BF16:
-            bg = _mma(b, g, bg, UPCAST)
-            bg = _mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
+            bg = mma(b, g, bg, UPCAST)
+            bg = mma(b, tl.load(g_lo_ptr + g_offs, mask=g_mask, other=0.0), bg, UPCAST)
         else:
             bg = tl.dot(b.to(tl.float32), g, bg, input_precision="tf32x3")
     b_n = tl.load(
@@ -451,27 +437,19 @@ def norm_config(d_out: int, d_in: int, r: int, device: torch.device) -> NormConf
 
 
 def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
-    """Whether ``_mma`` must take float32 operands: mixed or float32 inputs, or bf16 when interpreting."""
+    """Whether ``mma`` must take float32 operands: mixed or float32 inputs, or bf16 when interpreting."""
     native = a == b and a in (torch.float16, torch.bfloat16)
     return not native or (interpreting and a == torch.bfloat16)
-
-
-_MM_OUT_DTYPE_WORKS = True  # ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS, CUDA only)
 
 
 def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: bool, max_splits: int) -> torch.Tensor:
     """``[splits, r, r]`` float32 partial sums of ``A Aᵀ``.
 
     16-bit ``A`` on CUDA: one cuBLAS product with float32 output (exact products, fp32 sums), where
-    this PyTorch has ``torch.mm(..., out_dtype=)``. Otherwise ``_gram_kernel``, split over ``d_in``.
+    this PyTorch has ``mm.dtype``. Otherwise ``_gram_kernel``, split over ``d_in``.
     """
-    global _MM_OUT_DTYPE_WORKS
-    if _MM_OUT_DTYPE_WORKS and lora_A.is_cuda and not interpreting and lora_A.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.mm(lora_A, lora_A.T, out_dtype=torch.float32).unsqueeze(0)
-        except (TypeError, RuntimeError, NotImplementedError) as exc:
-            _MM_OUT_DTYPE_WORKS = False
-            log.info("torch.mm(out_dtype=float32) unavailable (%s); using _gram_kernel", exc)
+    if not interpreting and reference.mm_to_float32_in_place(lora_A, lora_A.T):
+        return reference.matmul_float32(lora_A, lora_A.T).unsqueeze(0)
     r, d_in = lora_A.shape
     block_g = 16 if r <= 16 else (32 if r <= 32 or interpreting else 64)
     block_k = 32 if interpreting else 64
@@ -503,7 +481,7 @@ def _gram_partials(lora_A: torch.Tensor, upcast: bool, n_sm: int, interpreting: 
     return partial
 
 
-def weight_norm(
+def fused_weight_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -512,7 +490,8 @@ def weight_norm(
     *,
     config: NormConfig | None = None,
 ) -> torch.Tensor:
-    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`.
+    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``) in one pass over ``W`` (``_norm_kernel``), as
+    :func:`reference.weight_norm`.
 
     ``weight`` is read in its stored layout (``[d_in, d_out]`` when ``fan_in_fan_out``). float64
     inputs, and degenerate shapes (``r == 0`` or ``d_in == 0``), go to the reference math.
@@ -609,5 +588,110 @@ def weight_norm(
         SINGLE_PART=single_part,
         num_warps=cfg.num_warps,
         num_stages=1 if interpreting else cfg.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The norm from cuBLAS GEMMs: U = W·Aᵀ and G = A·Aᵀ with float32 outputs, then one Triton pass over rows
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _norm_rows_kernel(
+    u_ptr, g_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
+    stride_um, stride_ur, stride_gi, stride_gj, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
+):
+    """Row norms from ``U = W Aᵀ [d_out, r]``, ``G = A Aᵀ [r, r]`` (float32) and ``||W_i||²``.
+
+    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time:
+    ``cross_i = Σ_j B[i, j]·U[i, j]`` and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``, with ``(B G)[:, N]``
+    from ``tl.dot`` in ``tf32x3`` (about fp32 accuracy) over ``BLOCK_R`` chunks of ``r``. Then
+    ``size = ||W_i||² + s²·lora_i``, ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows`
+    (cancelled rows recomputed densely from ``W``, ``A`` and ``B``, clamp, square root).
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < d_out
+    s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lora = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n in range(0, r, BLOCK_N):
+        cols = n + offs_n
+        mask = mask_m[:, None] & (cols < r)[None, :]
+        b_n = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
+        u_n = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_ur, mask=mask, other=0.0)
+        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, r, BLOCK_R):
+            inner = j + offs_r
+            b_j = tl.load(
+                b_ptr + rows[:, None] * stride_bm + inner[None, :] * stride_br,
+                mask=mask_m[:, None] & (inner < r)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            g_jn = tl.load(
+                g_ptr + inner[:, None] * stride_gi + cols[None, :] * stride_gj,
+                mask=(inner < r)[:, None] & (cols < r)[None, :],
+                other=0.0,
+            )
+            bg = tl.dot(b_j, g_jn, bg, input_precision="tf32x3")
+        cross += tl.sum(b_n * u_n, axis=1)
+        lora += tl.sum(b_n * bg, axis=1)
+    w_sq = tl.load(w_sq_ptr + rows, mask=mask_m, other=0.0)
+    size = w_sq + (s * s) * lora
+    squared = size + (2.0 * s) * cross
+    _finish_rows(
+        squared, size, out_ptr, w_ptr, a_ptr, b_ptr, pid * BLOCK_M, d_out, d_in, r, s,
+        stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+        AMPLIFICATION_LIMIT, DENSE_FALLBACK, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+    )
+
+
+def weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+    row_squares: torch.Tensor | None = None,
+    *,
+    dense_fallback: bool = True,
+) -> torch.Tensor:
+    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: two GEMMs
+    (``U = W Aᵀ``, ``G = A Aᵀ``, float32 outputs; cuBLAS on CUDA) and ``_norm_rows_kernel``.
+
+    ``row_squares`` is ``||W_i||²`` in float32 when the caller has it (a frozen ``W``'s is computed
+    once, :mod:`dora_fx.norm_cache`); otherwise it is computed here, one more read of ``W``.
+    ``dense_fallback=False`` (tests only) keeps the factored value of cancelled rows. float64 inputs
+    and empty shapes go to the reference math.
+    """
+    if reference.norm_dtype(weight, lora_A, lora_B) != torch.float32:
+        return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    w_rows = weight.T if fan_in_fan_out else weight  # [d_out, d_in], a view
+    (d_out, d_in), r = w_rows.shape, lora_A.shape[0]
+    if r == 0 or d_in == 0 or d_out == 0:
+        return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    if row_squares is None:
+        row_squares = torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
+    u = reference.matmul_float32(w_rows, lora_A.T)
+    gram = reference.matmul_float32(lora_A, lora_A.T)
+    out = torch.empty((d_out,), dtype=torch.float32, device=weight.device)
+    interpreting = launch.interpreting()
+    block_m = 16 if interpreting or d_out <= 4096 else 32
+    block_n = min(64, _pow2_at_least(r))
+    block_r = min(32, _pow2_at_least(r))
+    launchable(_norm_rows_kernel, weight)[(triton.cdiv(d_out, block_m),)](
+        u, gram, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
+        u.stride(0), u.stride(1), gram.stride(0), gram.stride(1), w_rows.stride(0), w_rows.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=32 if interpreting else 64,
+        DENSE_ROWS=16, DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
+        num_warps=4, num_stages=1,
     )
     return out

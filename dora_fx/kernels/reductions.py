@@ -23,3 +23,17 @@ def column_sums(partial_ptr, stride_part, n_parts, cols, mask, BLOCK_P: tl.const
             other=0.0,
         )
     return tl.sum(total, axis=0)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``UPCAST`` runs the product on float32 operands with ``tf32x3`` (about fp32 accuracy); it is used
+    for float32 or mixed-dtype inputs, and for bf16 under the Triton interpreter, whose ``tl.dot``
+    multiplies the raw bf16 bit patterns as integers (bf16 products are exact in fp32, so the
+    upcast changes nothing but the accumulation order).
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)

@@ -16,6 +16,21 @@ def norm_dtype(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor)
     return torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))
 
 
+def mm_to_float32_in_place(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``x @ y`` can run on its 16-bit operands with a float32 result (CUDA's ``mm.dtype``)."""
+    same_16bit = x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    return x.is_cuda and same_16bit and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def matmul_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` accumulated and returned in float32. On CUDA, 16-bit operands of one dtype go to the
+    tensor cores as they are (exact products, fp32 sums, no float32 copies); elsewhere (and on a torch
+    without that ``mm`` overload) the operands are upcast first."""
+    if mm_to_float32_in_place(x, y):
+        return torch.ops.aten.mm.dtype(x, y, torch.float32)
+    return x.float() @ y.float()
+
+
 # Rows whose factored sum amplifies rounding errors more than this get their squared norm recomputed
 # densely, here and in the Triton kernel: fp32 keeps at least ``-log2(eps · limit)`` ≈ 13 bits of it.
 AMPLIFICATION_LIMIT = 1024.0
@@ -30,8 +45,11 @@ def weight_norm(
     lora_B: torch.Tensor,
     scaling: float,
     fan_in_fan_out: bool,
+    row_squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Row norms of ``W + s·B·A`` in float32, without forming the ``[d_out, d_in]`` product.
+
+    ``row_squares``: ``||W_i||²`` when the caller has it (:func:`dora_fx.norm_cache.row_squares`).
 
     ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, (W Aᵀ)_i> + s²<B_i, (B G)_i>`` with ``G = A Aᵀ``.
     Everything is accumulated in float32 (float64 inputs stay float64); the squared norm is clamped
@@ -48,7 +66,7 @@ def weight_norm(
     a = lora_A.to(acc)
     b = lora_B.to(acc)
     w_rows = w.T if fan_in_fan_out else w  # [d_out, d_in] (a view when stored transposed)
-    w_sq = w_rows.square().sum(dim=1)
+    w_sq = w_rows.square().sum(dim=1) if row_squares is None else row_squares.to(acc)
     u = w_rows @ a.T  # [d_out, r]
     gram = a @ a.T  # [r, r]
     cross = (b * u).sum(dim=1)
@@ -180,6 +198,7 @@ def compose_backward(
     base_given: bool,
     main_dtype: torch.dtype,
     lora_dtype: torch.dtype,
+    from_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`compose` (``norm`` is detached in PEFT and gets none), from ``adapted`` alone.
 
@@ -189,12 +208,46 @@ def compose_backward(
       also stands in for the base), else ``(g - 1)·d`` for ``base`` (``result`` then simply receives ``d``);
     - ``grad_lora = g·s·d``, in ``lora_dtype``;
     - ``grad_magnitude = Σ_tokens d·adapted / norm``, with ``adapted = base + s·lora``.
+
+    ``from_output``: ``adapted`` holds the output ``out = g·adapted`` instead (PEFT's reused base
+    without bias), so the last sum is ``Σ_tokens d·out / m``; it is not finite where ``m = 0`` (see
+    :func:`zero_magnitude_grad`).
     """
     grad_main, grad_lora = input_gradients(grad_out, magnitude, norm, scaling, base_given, main_dtype, lora_dtype)
     acc = _accumulation_dtype(torch.promote_types(grad_out.dtype, adapted.dtype))
     per_token = grad_out.to(acc) * adapted.to(acc)
-    grad_magnitude = (per_token.reshape(-1, per_token.shape[-1]).sum(dim=0) / norm.to(acc)).to(magnitude.dtype)
+    divisor = magnitude if from_output else norm
+    grad_magnitude = (per_token.reshape(-1, per_token.shape[-1]).sum(dim=0) / divisor.to(acc)).to(magnitude.dtype)
     return grad_main, grad_lora, grad_magnitude
+
+
+def zero_magnitude_grad(
+    grad_out: torch.Tensor,
+    lora_input: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """float32 ``[d_out]``: ``Σ_tokens d·adapted / norm`` at the features with ``m = 0``, ``0`` elsewhere.
+
+    There ``g = 0`` and the output says nothing of ``adapted``, so it is recomputed for those features
+    only: ``adapted[:, j] = x·(W + s·B·A)_jᵀ``, one row of ``W + s·B·A`` per such feature.
+    """
+    zero = (magnitude == 0).nonzero().squeeze(1)
+    out = torch.zeros(magnitude.shape, dtype=torch.float32, device=magnitude.device)
+    if zero.numel() == 0:
+        return out
+    d_in = lora_A.shape[1]
+    w_rows = (weight.T if fan_in_fan_out else weight)[zero].float()
+    adapted_rows = w_rows + scaling * (lora_B[zero].float() @ lora_A.float())  # [zeros, d_in]
+    x = lora_input.reshape(-1, d_in).float()
+    d = grad_out.reshape(-1, grad_out.shape[-1])[:, zero].float()
+    out[zero] = (d * (x @ adapted_rows.T)).sum(dim=0) / norm[zero].float()
+    return out
 
 
 def input_gradients(

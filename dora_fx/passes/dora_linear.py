@@ -247,6 +247,42 @@ def _check_compose(nodes: dict[str, fx.Node], norm_info: dict) -> tuple[fx.Node 
     return _classify_base(nodes, norm_info["weight"], norm_info["fan_in_fan_out"], norm_info["d_out"])
 
 
+# Replaced nodes that compute the DoRA output from its inputs: dora_fx.compose differentiates each
+# input it reads, so none of them may reach these nodes through a .detach().
+_COMPOSITION = ("g", "g_row", "g_m1", "t_base", "t_lora", "t_lora_s", "dora", "out")
+
+
+def _requires_grad(node: fx.Node) -> bool:
+    val = gv.value(node)
+    return isinstance(val, torch.Tensor) and val.requires_grad
+
+
+def _check_gradients(nodes: dict[str, fx.Node]) -> None:
+    """The rewrite keeps every gradient of the graph: ``.detach()`` is looked through when matching,
+    so check here that detaching happens exactly where the rewritten ops assume it.
+
+    ``dora_fx::weight_norm`` has no gradient (PEFT detaches the norm), so the norm that ``g`` reads
+    must not require one; and ``dora_fx::compose`` gives each of its inputs a gradient, so none may be
+    detached on its way into the composition.
+    """
+    norm_as_read = nodes["g"].args[1]
+    _require(
+        not _requires_grad(norm_as_read),
+        "the weight norm is not detached: it would receive a gradient, which dora_fx's norm does not give",
+    )
+    region = set(nodes.values())
+    for name in _COMPOSITION:
+        for arg in nodes[name].all_input_nodes:
+            source = gv.producer(arg)
+            if arg is norm_as_read or source not in region:
+                continue
+            _require(
+                _requires_grad(arg) or not _requires_grad(source),
+                f"{source.name} is detached where the DoRA output reads it ({arg.name}): "
+                "the rewrite would give it a gradient",
+            )
+
+
 def _check_exclusive(nodes: dict[str, fx.Node]) -> None:
     """Each replaced value must feed only the region; else the rewrite would not remove it."""
     region = set(nodes.values())
@@ -292,6 +328,7 @@ def match_region(anchor: fx.Node) -> Region:
                 try:
                     base, bias, variant = _check_compose(nodes, norm_info)
                     _check_exclusive(nodes)
+                    _check_gradients(nodes)
                 except NoMatch as exc:
                     failures.append(exc)
                     continue
@@ -330,12 +367,25 @@ def _region_nodes(region: Region) -> set[fx.Node]:
     return nodes
 
 
-def _norm_op(out_value: torch.Tensor):
-    """The cached norm where the graph computes no gradient (inference: W, A and B are constants
-    between optimizer steps), else the plain one, which Inductor launches without Python."""
-    if out_value.requires_grad:
-        return torch.ops.dora_fx.weight_norm.default
-    return torch.ops.dora_fx.cached_weight_norm.default
+def _compose_call(region: Region, norm: fx.Node, keeps_weight: bool) -> tuple[object, tuple]:
+    """``(op, args)`` of the composition.
+
+    Where the magnitude gets no gradient, ``compose``: its backward keeps no activation. Where it
+    does, for PEFT's reused base without bias (``out = g·adapted``) over a plain weight,
+    ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
+    anyway. Otherwise ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
+    """
+    nodes = region.nodes
+    compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
+    if not _magnitude_needs_grad(region):
+        return torch.ops.dora_fx.compose.default, compose_args
+    if region.base is None and region.bias is None and keeps_weight:
+        lora_input = nodes["a_x"].args[0]  # as lora_A reads it: kept for lora_A's gradient anyway
+        return torch.ops.dora_fx.compose_saving_output.default, (
+            nodes["result"], nodes["lora"], nodes["m"], norm, region.scaling,
+            lora_input, region.weight, nodes["A"], nodes["B"], region.fan_in_fan_out,
+        )
+    return torch.ops.dora_fx.compose_with_adapted.default, compose_args
 
 
 def _magnitude_needs_grad(region: Region) -> bool:
@@ -355,27 +405,31 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
     code_before = gv.subgraph_code(_region_nodes(region), out, roles)
     quantized = qdora.quantized_norm(region.weight, region.fan_in_fan_out)
     lora_args = (nodes["A"], nodes["B"], region.scaling)
+    # The norm is reused while W, A and B are unchanged: every eval call, every gradient-accumulation
+    # micro-batch and activation-checkpoint recomputation between two optimizer steps.
     if quantized is None or quantized.op is None:
-        norm_op, norm_args = _norm_op(gv.value(out)), (region.weight, *lora_args, region.fan_in_fan_out)
+        norm_op = torch.ops.dora_fx.cached_weight_norm.default
+        norm_args = (region.weight, *lora_args, region.fan_in_fan_out)
         norm_value = _norm_value(region)
     else:
-        reuse = not gv.value(out).requires_grad  # as _norm_op: no gradients, so A and B are constants
-        norm_op, norm_args = quantized.op, (*quantized.weight_args, *lora_args, reuse)
+        norm_op, norm_args = quantized.op, (*quantized.weight_args, *lora_args, True)
         norm_value = _norm_value(region, dtype=torch.float32)
     with graph.inserting_before(nodes["norm"]):
-        new_norm = graph.call_function(norm_op, norm_args)
-    new_norm.meta.update(val=norm_value, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
-    compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], new_norm, region.scaling)
+        norm_call = new_norm = graph.call_function(norm_op, norm_args)
+        if gv.value(out).requires_grad:  # PEFT's norm is detached; the cached op has no autograd of its own
+            new_norm = graph.call_method("detach", (norm_call,))
+    for node in {norm_call, new_norm}:
+        node.meta.update(val=norm_value, nn_module_stack=nodes["norm"].meta.get("nn_module_stack", {}))
     meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
     out_value = _compose_value(region)
     with graph.inserting_before(out):
-        if _magnitude_needs_grad(region):
-            composed = graph.call_function(torch.ops.dora_fx.compose_with_adapted.default, compose_args)
+        composed = graph.call_function(*_compose_call(region, new_norm, keeps_weight=quantized is None))
+        if composed.target is torch.ops.dora_fx.compose_with_adapted.default:
             with out_value.fake_mode:  # adapted: the output's shape, dtype and layout
                 composed.meta.update(val=(out_value, torch.empty_like(out_value)), **meta)
             new_out = graph.call_function(operator.getitem, (composed, 0))
         else:
-            new_out = composed = graph.call_function(torch.ops.dora_fx.compose.default, compose_args)
+            new_out = composed
     new_out.meta.update(val=out_value, **meta)
     out.replace_all_uses_with(new_out)
     dead = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
@@ -391,7 +445,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
         variant=region.variant if quantized is None else f"{region.variant}, {quantized.label}",
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
         code_before=code_before,
-        code_after=gv.subgraph_code({new_norm, composed, new_out}, new_out, roles),
+        code_after=gv.subgraph_code({norm_call, new_norm, composed, new_out}, new_out, roles),
     ), erased
 
 

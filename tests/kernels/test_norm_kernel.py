@@ -1,4 +1,5 @@
-"""``dora_fx.kernels.norm.weight_norm`` against a float64 evaluation of the reference math.
+"""``dora_fx.kernels.norm``'s two norms (``weight_norm``: GEMMs and a rows kernel; ``fused_weight_norm``:
+one pass over ``W``) against a float64 evaluation of the reference math.
 
 CPU: Triton's interpreter (``tests/conftest.py``) at small, odd shapes. CUDA: full sizes, and the
 custom op inside ``torch.compile`` launching the kernel.
@@ -39,10 +40,21 @@ def _poison(device, nbytes):
     del junk
 
 
-def _check(weight, lora_A, lora_B, scaling, fan_in_fan_out, **kwargs):
+METHODS = {"gemm": norm.weight_norm, "fused": norm.fused_weight_norm}
+
+
+def _without_fallback(method, config, d_out, d_in, r):
+    """Keyword arguments of ``method`` that switch the dense recomputation of cancelled rows off."""
+    if method == "gemm":
+        return {"dense_fallback": False}
+    config = config or norm.norm_config(d_out, d_in, r, torch.device(SMALL_SHAPE_DEVICE))
+    return {"config": dataclasses.replace(config, dense_fallback=False)}
+
+
+def _check(weight, lora_A, lora_B, scaling, fan_in_fan_out, method="fused", **kwargs):
     d_out = lora_B.shape[0]
     _poison(weight.device, 4 * d_out * max(1, lora_A.shape[0]))
-    got = norm.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, **kwargs)
+    got = METHODS[method](weight, lora_A, lora_B, scaling, fan_in_fan_out, **kwargs)
     assert got.dtype == reference.norm_dtype(weight, lora_A, lora_B)
     assert got.shape == (d_out,) and got.device == weight.device
     w, a, b = weight.double(), lora_A.double(), lora_B.double()
@@ -61,8 +73,9 @@ def _check(weight, lora_A, lora_B, scaling, fan_in_fan_out, **kwargs):
     "d_out, d_in, r, fan_in_fan_out",
     [(33, 130, 17, False), (5, 37, 70, True), (33, 1, 1, False), (5, 130, 3, True)],
 )
-def test_matches_reference(d_out, d_in, r, fan_in_fan_out, dtype):
-    _check(*_make(d_out, d_in, r, dtype, fan_in_fan_out), 0.7, fan_in_fan_out)
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_reference(d_out, d_in, r, fan_in_fan_out, dtype, method):
+    _check(*_make(d_out, d_in, r, dtype, fan_in_fan_out), 0.7, fan_in_fan_out, method)
 
 
 def test_several_lora_column_blocks():
@@ -80,31 +93,33 @@ def test_split_k_and_square_sharing(round_robin, fan_in_fan_out):
     _check(weight, lora_A, lora_B, 0.9, fan_in_fan_out, config=cfg)
 
 
-def test_strided_weight_is_read_in_place():
+@pytest.mark.parametrize("method", METHODS)
+def test_strided_weight_is_read_in_place(method):
     base = torch.randn(40, 140, dtype=torch.bfloat16, device=SMALL_SHAPE_DEVICE)
     weight = base[3:36, ::2]  # [33, 70], non-contiguous rows and columns
     _, lora_A, lora_B = _make(33, 70, 5, torch.bfloat16, False, seed=2)
-    _check(weight, lora_A, lora_B, -1.5, False)
-    _check(weight.T, lora_A, lora_B, -1.5, True)
+    _check(weight, lora_A, lora_B, -1.5, False, method)
+    _check(weight.T, lora_A, lora_B, -1.5, True, method)
 
 
-def test_mixed_dtypes():
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_dtypes(method):
     weight, lora_A, lora_B = _make(9, 45, 6, torch.bfloat16, False, seed=3)
-    _check(weight, lora_A.float(), lora_B.float(), 0.5, False)
+    _check(weight, lora_A.float(), lora_B.float(), 0.5, False, method)
 
 
 def test_cancellation_clamps_at_zero():
     # W = -s·B·A exactly (in float64 terms): the squared norm cancels to about zero, never NaN.
     _, lora_A, lora_B = _make(8, 32, 4, torch.float32, False, seed=4)
     weight = -(lora_B.double() @ lora_A.double()).float()
-    got = norm.weight_norm(weight, lora_A, lora_B, 1.0, False)
+    got = norm.fused_weight_norm(weight, lora_A, lora_B, 1.0, False)
     assert torch.isfinite(got).all() and (got >= 0).all()
     assert got.max().item() < 1e-2 * weight.norm(dim=1).max().item()
 
 
 def test_float64_follows_reference():
     weight, lora_A, lora_B = _make(7, 19, 3, torch.float64, False, seed=5)
-    got = norm.weight_norm(weight, lora_A, lora_B, 0.3, False)
+    got = norm.fused_weight_norm(weight, lora_A, lora_B, 0.3, False)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, reference.weight_norm(weight, lora_A, lora_B, 0.3, False))
 
@@ -149,16 +164,12 @@ def _assert_same_rows(got, expected):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
-def _without_fallback(config, d_out, d_in, r):
-    """``config`` (or the default one for the shape) with the dense recomputation switched off."""
-    config = config or norm.norm_config(d_out, d_in, r, torch.device(SMALL_SHAPE_DEVICE))
-    return dataclasses.replace(config, dense_fallback=False)
-
-
-@pytest.mark.parametrize("config", [None, _SPLIT], ids=["single-part", "split"])
+@pytest.mark.parametrize(
+    "method, config", [("gemm", None), ("fused", None), ("fused", _SPLIT)], ids=["gemm", "single-part", "split"]
+)
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype):
+def test_cancelled_rows_are_recomputed_densely(method, config, fan_in_fan_out, dtype):
     """Rows with ``norm_i ≈ 1e-4·||W_i||`` (fp32; amplification ~2e8, no digits left in the factored sum)
     or ``1e-3·||W_i||`` (bf16) come out as accurate as the dense form in float32; every other row is
     bit-for-bit what it is without the fallback; without it the fp32 cancelled rows are far off.
@@ -167,22 +178,25 @@ def test_cancelled_rows_are_recomputed_densely(config, fan_in_fan_out, dtype):
     rows = [1, 5, 6, 32]  # with 32-row blocks: rows 16-31 hold none, so their group skips the dense pass
     remainder = 1e-4 if dtype == torch.float32 else 0.0
     weight, lora_A, lora_B = _cancelling(33, 130, 37, dtype, fan_in_fan_out, 1.5, remainder, rows)
-    got = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=config)
+    given = {} if config is None else {"config": config}
+    got = METHODS[method](weight, lora_A, lora_B, 1.5, fan_in_fan_out, **given)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 1.5, fan_in_fan_out)
     assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-6, (ours[rows], dense[rows])
-    factored = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, config=_without_fallback(config, 33, 130, 37))
+    off = _without_fallback(method, config, 33, 130, 37)
+    factored = METHODS[method](weight, lora_A, lora_B, 1.5, fan_in_fan_out, **off)
     others = [i for i in range(33) if i not in rows]
     _assert_same_rows(factored[others], got[others])
     if dtype == torch.float32:  # bf16 inputs: sums of exact bf16 products stay (nearly) exact in fp32 here
         assert _relative_errors(factored, weight, lora_A, lora_B, 1.5, fan_in_fan_out)[0][rows].max() > 1e-2
 
 
-def test_moderate_cancellation_stays_factored():
+@pytest.mark.parametrize("method", METHODS)
+def test_moderate_cancellation_stays_factored(method):
     """Rows with amplification ~200, below the limit: the factored value, within ``2·eps·a`` of exact."""
     rows = list(range(0, 33, 3))
     weight, lora_A, lora_B = _cancelling(33, 64, 8, torch.float32, False, 2.0, 0.1, rows, seed=9)
-    got = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
-    _assert_same_rows(norm.weight_norm(weight, lora_A, lora_B, 2.0, False, config=_without_fallback(None, 33, 64, 8)), got)
+    got = METHODS[method](weight, lora_A, lora_B, 2.0, False)
+    _assert_same_rows(METHODS[method](weight, lora_A, lora_B, 2.0, False, **_without_fallback(method, None, 33, 64, 8)), got)
     ours, _ = _relative_errors(got, weight, lora_A, lora_B, 2.0, False)
     assert ours.max() < 2 * _FACTORED_EPS * 400
 
@@ -200,12 +214,12 @@ def test_launches(monkeypatch):
 
     monkeypatch.setattr(norm, "launchable", counting)
     weight, lora_A, lora_B = _make(33, 130, 37, torch.bfloat16, False, seed=6)
-    norm.weight_norm(weight, lora_A, lora_B, 0.9, False, config=_SPLIT)
+    norm.fused_weight_norm(weight, lora_A, lora_B, 0.9, False, config=_SPLIT)
     gram = [] if weight.is_cuda else ["_gram_kernel"]  # bf16 A on CUDA: cuBLAS
     assert launched == [*gram, "_prepare_kernel", "_norm_kernel"]
     launched.clear()
     weight, lora_A, lora_B = _make(9, 32, 6, torch.float32, False, seed=3)
-    norm.weight_norm(weight, lora_A, lora_B, 0.5, False)
+    norm.fused_weight_norm(weight, lora_A, lora_B, 0.5, False)
     assert launched == ["_gram_kernel", "_norm_kernel"]
 
 
@@ -226,19 +240,21 @@ def test_launches(monkeypatch):
         (1000, 777, 70, False, torch.bfloat16),
     ],
 )
-def test_cuda_full_sizes(d_out, d_in, r, fan_in_fan_out, dtype):
-    _check(*_make(d_out, d_in, r, dtype, fan_in_fan_out, device="cuda"), 2.0, fan_in_fan_out)
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_full_sizes(d_out, d_in, r, fan_in_fan_out, dtype, method):
+    _check(*_make(d_out, d_in, r, dtype, fan_in_fan_out, device="cuda"), 2.0, fan_in_fan_out, method)
 
 
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("r", [16, 384])
-def test_cuda_run_to_run_identical(r):
-    # No atomics and no races: the same inputs give the same bits.
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_run_to_run_identical(r, method):
+    # No races: the same inputs give the same bits.
     weight, lora_A, lora_B = _make(8192, 8192, r, torch.bfloat16, False, device="cuda", seed=7)
-    first = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
+    first = METHODS[method](weight, lora_A, lora_B, 2.0, False)
     for _ in range(3):
-        assert torch.equal(norm.weight_norm(weight, lora_A, lora_B, 2.0, False), first)
+        assert torch.equal(METHODS[method](weight, lora_A, lora_B, 2.0, False), first)
 
 
 @pytest.mark.cuda
@@ -267,7 +283,7 @@ def test_cuda_op_in_torch_compile_launches_the_kernel(monkeypatch):
             got = fn(weight, lora_A, lora_B)
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
-    assert any("_norm_kernel" in name for name in names), sorted(n for n in names if not n.startswith("cu"))
+    assert any("_norm_rows_kernel" in name for name in names), sorted(n for n in names if not n.startswith("cu"))
     torch.testing.assert_close(got, 1.5 * reference.weight_norm(weight, lora_A, lora_B, 2.0, False), rtol=1e-4, atol=0)
 
 
@@ -282,14 +298,15 @@ def test_cuda_op_in_torch_compile_launches_the_kernel(monkeypatch):
         (4096, 4096, 16, False, torch.float16),
     ],
 )
-def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_out, dtype):
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_out, dtype, method):
     """The dense recomputation compiled for the GPU (native 16-bit ``tl.dot``, split-K counters): rows
     with ``norm_i ≈ 1e-4·||W_i||`` (fp32) or bf16/fp16 rounding-level cancellation are as accurate as
     the float32 dense form, the other rows within the kernel tolerance."""
     rows = [0, 7, d_out // 2, d_out - 1]
     remainder = 1e-4 if dtype == torch.float32 else 0.0
     weight, lora_A, lora_B = _cancelling(d_out, d_in, r, dtype, fan_in_fan_out, 2.0, remainder, rows, device="cuda")
-    got = norm.weight_norm(weight, lora_A, lora_B, 2.0, fan_in_fan_out)
+    got = METHODS[method](weight, lora_A, lora_B, 2.0, fan_in_fan_out)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 2.0, fan_in_fan_out)
     assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-5, (ours[rows], dense[rows])
     others = torch.ones(d_out, dtype=torch.bool)
@@ -299,22 +316,39 @@ def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_o
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_launches():
+def test_cuda_fused_launches():
     """At the issue #4 shape (bf16, d = 8192, r = 384): the Triton launches are ``_prepare_kernel`` and
     ``_norm_kernel``, once each, next to cuBLAS's ``A Aᵀ`` (was: four launches, see the module docstring).
 
     cuBLAS may split that small GEMM over K and add its own reduction kernel (seen on an H200)."""
     weight, lora_A, lora_B = _make(8192, 8192, 384, torch.bfloat16, False, device="cuda")
-    norm.weight_norm(weight, lora_A, lora_B, 2.0, False)  # compile first
+    norm.fused_weight_norm(weight, lora_A, lora_B, 2.0, False)  # compile first
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
+        norm.fused_weight_norm(weight, lora_A, lora_B, 2.0, False)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     triton_kernels = [name for name in kernels if name.startswith("_")]
     assert triton_kernels == ["_prepare_kernel", "_norm_kernel"], kernels
     cublas_kernels = [name for name in kernels if not name.startswith("_")]
     assert 1 <= len(cublas_kernels) <= 2, kernels
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_gemm_launches():
+    """The GEMM norm at d = 8192, r = 384, bf16, with ``||W||²`` given: cuBLAS's ``W Aᵀ`` and ``A Aᵀ``
+    (each one kernel, or two when cuBLAS splits K) and one Triton launch."""
+    weight, lora_A, lora_B = _make(8192, 8192, 384, torch.bfloat16, False, device="cuda")
+    squares = weight.float().square().sum(1)
+    norm.weight_norm(weight, lora_A, lora_B, 2.0, False, row_squares=squares)  # compile first
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        norm.weight_norm(weight, lora_A, lora_B, 2.0, False, row_squares=squares)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert [name for name in kernels if name.startswith("_")] == ["_norm_rows_kernel"], kernels
+    assert 2 <= len([name for name in kernels if not name.startswith("_")]) <= 4, kernels
 
 
 def test_cancelled_rows_rule():

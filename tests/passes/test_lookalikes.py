@@ -34,6 +34,8 @@ MODES = {
 class PeftFormula(DoraLinearLayer):
     """PEFT 0.21's ``DoraLinearLayer.forward``, line by line, with the last line as a hook."""
 
+    detach_norm = True  # PEFT detaches the dense product that feeds the norm, and the norm
+
     def combine(self, g, base_result, lora_result, scaling):
         return (g - 1) * base_result + g * lora_result * scaling
 
@@ -41,8 +43,9 @@ class PeftFormula(DoraLinearLayer):
         lora_weight = self.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name).to(x.dtype)
         magnitude = self.weight
         weight = base_layer.weight.to(x.dtype)
-        weight_norm = self.get_weight_norm(weight=weight, lora_weight=lora_weight.detach(), scaling=scaling)
-        mag_norm_scale = (magnitude / weight_norm.detach()).view(1, -1)
+        dense = lora_weight.detach() if self.detach_norm else lora_weight
+        weight_norm = self.get_weight_norm(weight=weight, lora_weight=dense, scaling=scaling)
+        mag_norm_scale = (magnitude / (weight_norm.detach() if self.detach_norm else weight_norm)).view(1, -1)
         lora_result = lora_B(lora_A(x))
         if base_result is not None:
             if base_layer.bias is not None:
@@ -111,6 +114,20 @@ class OtherOutputScaling(PeftFormula):
         return (g - 1) * base_result + g * lora_result * (2 * scaling)
 
 
+class FullGradientNorm(PeftFormula):  # the DoRA paper's full gradient: the norm is differentiated too
+    detach_norm = False
+
+
+class DetachedLora(PeftFormula):
+    def combine(self, g, base_result, lora_result, scaling):
+        return super().combine(g, base_result, lora_result.detach(), scaling)
+
+
+class DetachedScale(PeftFormula):  # the magnitude frozen by detaching g
+    def combine(self, g, base_result, lora_result, scaling):
+        return super().combine(g.detach(), base_result, lora_result, scaling)
+
+
 SUBCLASSES = {
     # class: (expected reason, square layer?)
     L1Norm: ("ord=1", False),
@@ -124,6 +141,9 @@ SUBCLASSES = {
     KeepsG: ("an intermediate of the DoRA output", False),
     GMinusHalf: ("the base factor is not g - 1", False),
     OtherOutputScaling: ("differs from the norm's scaling", False),
+    FullGradientNorm: ("the weight norm is not detached", False),
+    DetachedLora: ("is detached where the DoRA output reads it", False),
+    DetachedScale: ("is detached where the DoRA output reads it", False),
 }
 
 
