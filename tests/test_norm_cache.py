@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import dora_fx
 from dora_fx import models, norm_cache
 from dora_fx.kernels import reference
+from tests import single_layer as sl
 
 
 @pytest.fixture
@@ -155,3 +158,60 @@ def test_bad_inputs_are_rejected_on_a_miss():
 def test_opcheck():
     norm_cache.clear()
     torch.library.opcheck(torch.ops.dora_fx.cached_weight_norm.default, (*_tensors(), 2.0, False))
+
+
+def _train_model(inner="aot_eager"):
+    example = models.build("mlp")
+    model = example.model.train()
+    x = example.make_inputs(torch.Generator().manual_seed(0))["x"]
+    return example, model, torch.compile(model, backend=dora_fx.DoraBackend(inner=inner)), x
+
+
+def _accumulate(fn, model, micro_batches, optimizer=None):
+    """Forward and backward of each micro-batch, then an optimizer step; the losses."""
+    losses = [fn(x).square().mean() for x in micro_batches]
+    for loss in losses:
+        loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad()
+    return [loss.item() for loss in losses]
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_gradient_accumulation_computes_one_norm_per_optimizer_step(norm_calls, inner):
+    """Between optimizer steps W, A and B do not change: the micro-batches share one norm per layer,
+    and the losses and updated parameters equal eager PEFT's accumulating the same way."""
+    example, model, compiled, x = _train_model(inner)
+    eager = copy.deepcopy(model)
+    micro_batches = [x + 0.1 * i for i in range(3)]
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    ours_opt, eager_opt = torch.optim.SGD(params(model), lr=0.1), torch.optim.SGD(params(eager), lr=0.1)
+    for step in range(2):
+        ours = _accumulate(compiled, model, micro_batches, ours_opt)
+        assert len(norm_calls) == example.dora_layers * (step + 1)
+        torch.testing.assert_close(ours, _accumulate(eager, eager, micro_batches, eager_opt), rtol=1e-6, atol=1e-6)
+    for mine, theirs in zip(params(model), params(eager)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["inplace_B", "load_state_dict", "set_adapter"])
+def test_changes_between_micro_batches_invalidate_in_training(norm_calls, change):
+    """Every kind of change between two training forwards gives a new norm and eager's gradients."""
+    example, model, compiled, x = _train_model()
+    model.add_adapter("second", models.dora_config(["fc1", "fc2"], rank=2, dropout=0.0))
+    models.randomize_adapters(model, torch.Generator().manual_seed(9))
+    model.set_adapter("default")
+    compiled(x).sum().backward()
+    before = len(norm_calls)
+    if change == "inplace_B":
+        with torch.no_grad():
+            model.base_model.model.fc1.lora_B["default"].weight.mul_(1.5)
+    elif change == "load_state_dict":
+        model.load_state_dict(models.build("mlp", seed=5).model.state_dict(), strict=False)
+    else:
+        model.set_adapter("second")
+    model.zero_grad()
+    ours = sl.step(compiled, model, x)
+    assert len(norm_calls) > before
+    sl.assert_matches(ours, sl.step(model, model, x), rtol=1e-5, atol=1e-6)

@@ -78,3 +78,16 @@ def test_cuda_inductor_keeps_one_output_sized_tensor_per_layer(bias, dropout):
     model = sl.build(D_IN, D_OUT, bias=bias, dropout=dropout, dtype=torch.bfloat16).cuda().train()
     compiled = torch.compile(model, backend=dora_fx.dora_backend, fullgraph=True)
     assert _output_sized(model, compiled, torch.bfloat16, "cuda") == [(TOKENS, D_OUT)]
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_kept_by_the_consumer_is_all_that_is_kept(inner, bias):
+    """A consumer that keeps its input (SiLU) keeps the DoRA layer's output anyway. Where
+    ``out = g·adapted`` (reused base, no bias) the compose backward keeps that same output, so the
+    layer adds no tensor of its own, as plain LoRA would not; with a bias it keeps ``adapted`` too."""
+    model = sl.build(D_IN, D_OUT, bias=bias).train()
+    backend = dora_fx.DoraBackend(inner=inner)
+    compiled = torch.compile(lambda x: torch.nn.functional.silu(model(x)), backend=backend, fullgraph=True)
+    assert len(_output_sized(model, compiled, torch.float32)) == (2 if bias else 1)
+    assert len(backend.report.rewrites) == 1

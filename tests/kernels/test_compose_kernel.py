@@ -240,3 +240,39 @@ def test_cuda_op_in_torch_compile_launches_the_kernels():
         error = ((ours.float() - e).norm() / e.norm()).item()
         peft_error = ((peft_bf16.float() - e).norm() / e.norm()).item()
         assert error <= 2 * peft_error + 1e-3, (name, error, peft_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_from_the_output(dtype):
+    """``from_output``: the saved tensor is ``out = g·adapted`` and the magnitude's sum divides by ``m``."""
+    t = _make((2, 7, 37), dtype, False, False, seed=3)
+    grad_out = torch.randn_like(t["result"])
+    g = t["magnitude"].float() / t["norm"]
+    out = (g * (t["result"].float() + 0.8 * t["lora"].float())).to(dtype)
+    args = (grad_out, out, t["magnitude"], t["norm"], 0.8, False, dtype, dtype, True)
+    got = compose.compose_backward(*args)
+    expected = reference.compose_backward(*args)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_magnitude_grad_matches_reference(fan_in_fan_out, dtype):
+    """Features with ``m = 0`` in two of three 16-feature blocks (one block without any is skipped):
+    ``Σ_t d·x·(W + s·B·A)_jᵀ / norm_j`` there, exactly ``0`` elsewhere."""
+    gen = torch.Generator().manual_seed(4)
+    d_out, d_in, r, tokens = 40, 70, 5, 13
+    randn = lambda *s: torch.randn(s, generator=gen).to(dtype).to(SMALL_SHAPE_DEVICE)  # noqa: E731
+    weight = randn(d_in, d_out) if fan_in_fan_out else randn(d_out, d_in)
+    lora_A, lora_B, x, grad_out = randn(r, d_in), randn(d_out, r), randn(tokens, d_in), randn(tokens, d_out)
+    magnitude = randn(d_out).abs() + 0.5
+    zero = [1, 2, 15, 33, 39]
+    magnitude[zero] = 0
+    norm = torch.rand(d_out, generator=gen).to(SMALL_SHAPE_DEVICE) + 0.5
+    args = (grad_out, x, weight, lora_A, lora_B, 1.5, magnitude, norm, fan_in_fan_out)
+    got = compose.zero_magnitude_grad(*args)
+    expected = reference.zero_magnitude_grad(*args)
+    assert got.dtype == torch.float32 and (got[magnitude != 0] == 0).all()
+    assert (expected[zero] != 0).all()
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())

@@ -1,0 +1,45 @@
+"""Features whose magnitude is exactly zero (pruned outputs, say): ``g = 0``, so the output carries no
+trace of ``adapted = (W + s·B·A)·x``, which the magnitude's gradient needs. dora_fx's training compose
+that keeps only the output takes an exact path there (:func:`dora_fx.ops.zero_magnitude_grad`): the
+gradients equal eager PEFT's, never NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_fx
+from tests import single_layer as sl
+
+ZERO = [0, 5, 11, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]  # > one 16-feature block
+
+
+def _with_zero_magnitudes(**kwargs):
+    model = sl.build(16, 40, **kwargs).train()
+    _, _, _, _, magnitude, _ = sl.parts(model)
+    with torch.no_grad():
+        magnitude[ZERO] = 0
+    return model
+
+
+@pytest.mark.parametrize(
+    "bias, dropout, conv1d", [(False, 0.0, False), (True, 0.0, False), (False, 0.1, False), (True, 0.0, True)],
+    ids=["reused-base", "bias", "dropout", "fan_in_fan_out"],
+)
+def test_zero_magnitude_features_get_eager_gradients(bias, dropout, conv1d):
+    model = _with_zero_magnitudes(bias=bias, dropout=dropout, conv1d=conv1d)
+    ours, eager, backend = sl.eager_and_compiled(model, torch.randn(2, 7, 16))
+    assert len(backend.report.rewrites) == 1
+    grad_m = eager[1]["base_model.model.proj.lora_magnitude_vector.default.weight"]
+    assert (grad_m[ZERO] != 0).all()  # the premise: those features do get a gradient
+    sl.assert_matches(ours, eager)
+
+
+def test_zero_magnitude_under_inductor():
+    model = _with_zero_magnitudes(bias=False)
+    backend = dora_fx.DoraBackend(inner="inductor")
+    x = torch.randn(9, 16)
+    ours = sl.step(torch.compile(model, backend=backend, fullgraph=True), model, x)
+    (rewrite,) = backend.report.rewrites
+    assert rewrite.variant == "reused base"
+    sl.assert_matches(ours, sl.step(model, model, x))
