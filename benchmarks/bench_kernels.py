@@ -138,10 +138,13 @@ def with_cancelled_row(weight, lora_A, lora_B, row=0):
 def bench_norm(d, r):
     weight, lora_A, lora_B = norm_inputs(d, r)
     cancelled = with_cancelled_row(weight, lora_A, lora_B)
+    squares = weight.float().square().sum(1)  # ||W||² of a frozen W, kept between calls (norm_cache)
     fns = {
         "peft_dense": lambda: peft_dense_norm(weight, lora_A, lora_B, SCALING),
         "eager_factored": lambda: eager_factored_norm(weight, lora_A, lora_B, SCALING),
         "dora_fx": lambda: norm_k.weight_norm(weight, lora_A, lora_B, SCALING, False),
+        "dora_fx_w2_kept": lambda: norm_k.weight_norm(weight, lora_A, lora_B, SCALING, False, squares),
+        "dora_fx_fused": lambda: norm_k.fused_weight_norm(weight, lora_A, lora_B, SCALING, False),
         "dora_fx_1_cancel": lambda: norm_k.weight_norm(cancelled, lora_A, lora_B, SCALING, False),
         "gemm_W_At": lambda: weight @ lora_A.T,
     }
