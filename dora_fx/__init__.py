@@ -3,7 +3,13 @@ composition.
 
     model = torch.compile(peft_model, backend=dora_fx.dora_backend)   # or backend="dora"
     print(dora_fx.last_report())
+
+Logging goes to the ``dora_fx`` logger, which has a ``NullHandler`` as libraries' loggers do: nothing
+is shown unless the application configures logging (``logging.getLogger("dora_fx").setLevel(logging.INFO)``
+with a handler, or ``logging.basicConfig(level=logging.INFO)``: one line per compiled graph).
 """
+
+import logging
 
 from dora_fx.backend import DoraBackend, dora_backend, last_report, reset_report
 from dora_fx.report import GraphReport, NearMiss, Report, Rewrite
@@ -19,3 +25,5 @@ __all__ = [
     "reset_report",
 ]
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from dora_fx import compat
+from dora_fx import compat, compile_options
 from dora_fx.passes.pipeline import run_passes
 from dora_fx.report import GraphReport, NearMiss, Report
 
@@ -50,10 +50,6 @@ def _compiling_ddp_bucket_pieces() -> bool:
 def _resolve(inner: str | CompilerFn) -> CompilerFn:
     if callable(inner):
         return inner
-    if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx
     return torch._dynamo.lookup_backend(inner)
 
 
@@ -65,16 +61,45 @@ class DoraBackend:
     ``DoraBackend(rewrite=False)`` only reports. ``backend.report`` accumulates over every graph this
     backend compiled; :func:`last_report` gives the graphs of the most recent ``torch.compile`` call
     of any dora_fx backend.
+
+    ``mode`` and ``options`` mean what they mean to ``torch.compile`` with Inductor (``"default"``,
+    ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``; a dict of
+    ``torch._inductor.config`` settings) and are passed on to Inductor. ``torch.compile(model,
+    backend=..., mode=..., options=...)`` hands its own to the backend, applied over these. With an
+    inner compiler other than ``"inductor"`` anything but the default is a ``ValueError``, as are
+    unknown modes and options.
     """
 
-    def __init__(self, inner: str | CompilerFn = "inductor", rewrite: bool = True):
+    def __init__(
+        self,
+        inner: str | CompilerFn = "inductor",
+        rewrite: bool = True,
+        mode: str | None = None,
+        options: dict | None = None,
+    ):
         compat.install()
         self.inner = inner
         self.rewrite = rewrite
+        self.config_patches = self._config_patches(mode, options)
+        self.mode = mode
+        self.options = dict(options) if options else None
         self.report = Report()
         self._breaks_from = graph_break_counts()
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def _config_patches(self, mode: str | None, options: dict | None) -> dict:
+        if compile_options.is_default(mode, options):
+            return {}
+        if self.inner != "inductor":
+            raise ValueError(
+                f"mode={mode!r} and options={options!r} are Inductor settings, but this dora backend's inner "
+                f"compiler is {self.inner!r}, which takes none: leave them out or use DoraBackend(inner='inductor')"
+            )
+        return compile_options.inductor_config_patches(mode, options)
+
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None, options: dict | None = None
+    ) -> Callable:
+        config_patches = {**self.config_patches, **self._config_patches(mode, options)}
         graph_id = next(_graph_ids)
         if self.rewrite:
             graph_report = run_passes(gm, graph_id)
@@ -90,16 +115,25 @@ class DoraBackend:
         self.report.graph_breaks = dict(breaks - self._breaks_from)
         _last_report.graph_breaks = dict(breaks - _last_report_breaks_from)
         log.info(
-            "dora_fx: graph %d: %d rewrite(s), %d near-miss(es), pass %.3f s",
+            "dora_fx: graph %d: %d DoRA region(s) rewritten, %d near-miss(es), pass %.3f s; compiling with %s%s",
             graph_id,
             len(graph_report.rewrites),
             len(graph_report.near_misses),
             graph_report.pass_seconds,
+            self.inner if isinstance(self.inner, str) else getattr(self.inner, "__name__", repr(self.inner)),
+            f" {config_patches}" if config_patches else "",
         )
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=config_patches or None)
         return _resolve(self.inner)(gm, example_inputs)
 
     def __repr__(self) -> str:
-        return f"DoraBackend(inner={self.inner!r}, rewrite={self.rewrite})"
+        settings = "".join(
+            f", {name}={value!r}" for name, value in (("mode", self.mode), ("options", self.options)) if value
+        )
+        return f"DoraBackend(inner={self.inner!r}, rewrite={self.rewrite}{settings})"
 
 
 def reset_report() -> None:
@@ -115,9 +149,13 @@ def last_report() -> Report:
     return _last_report
 
 
-def dora_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-    """``torch.compile(model, backend=dora_backend)``: rewrite DoRA regions, compile with Inductor."""
-    return _default_backend(gm, example_inputs)
+def dora_backend(
+    gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None, options: dict | None = None
+) -> Callable:
+    """``torch.compile(model, backend=dora_backend)`` (or ``backend="dora"``): rewrite DoRA regions,
+    compile with Inductor. ``torch.compile``'s ``mode`` and ``options`` reach Inductor as they would
+    with ``backend="inductor"``."""
+    return _default_backend(gm, example_inputs, mode=mode, options=options)
 
 
 _default_backend = DoraBackend()
