@@ -1,29 +1,37 @@
-"""A Llama-3-8B-shaped decoder stack with DoRA on all seven projections: PEFT eager vs PEFT + Inductor
-vs dora_fx, forward and forward + backward.
+"""A Llama-3-8B-shaped decoder stack with DoRA on all seven projections: dora_fx against plain LoRA +
+Inductor (the floor, issue #13), PEFT eager and PEFT + Inductor; eval forward, forward + backward and
+gradient accumulation.
 
-    python benchmarks/bench_model.py [--layers 4] [--ranks 384 16] [--out benchmarks/results/model.json]
-    python benchmarks/bench_model.py --device cpu          # smoke run: hidden 64, 2 layers, 64 tokens
+    python benchmarks/bench_model.py [--seq 4096] [--ranks 384] [--contenders ...] [--modes ...] [--out ...]
+    python benchmarks/bench_model.py --device cpu --accum 2   # smoke run: hidden 64, 2 layers, 64 tokens
 
 Model: ``LlamaForCausalLM`` from a ``LlamaConfig`` with random weights (hidden 4096, intermediate
 14336, 32 heads, 8 KV heads, 4 layers, vocabulary 1024 by default: the real 128256-entry head and
 embedding would only add the same time and memory to every contender), PEFT DoRA (``lora_alpha = 2r``,
 dropout 0) on q, k, v, o, gate, up and down, LoRA ``B`` drawn with std ``--b-std``; built in float32,
-then cast to bf16. Input: batch 1 x 4096 random token ids (``--batch``, ``--seq``). Contenders: see
+then cast to bf16. The plain-LoRA stack (``use_dora=False``) has the same base weights and the DoRA
+stack's A and B; one stack is on the device at a time. Input: batch 1 x 4096 random token ids
+(``--batch``, ``--seq``). Contenders: ``_common.lora_contenders`` (plain LoRA eager and + Inductor) and
 ``_common.contenders`` (PEFT eager, PEFT + Inductor, dora_fx with the norm recomputed every call, and
 dora_fx reusing its cached norm in eval, forward only).
 
-- forward: ``model.eval()`` under ``torch.no_grad()``, logits of every position.
-- forward + backward: ``model.train()``, the causal-LM loss on random labels, ``loss.backward()``.
-- time: median step (see ``_common.median_ms``) after the compiling first call.
+- fwd: ``model.eval()`` under ``torch.no_grad()``, logits of every position.
+- fwd+bwd: ``model.train()``, the causal-LM loss on random labels, ``loss.backward()``.
+- accum: ``--accum`` micro-batches, each forward + backward, then AdamW's step and ``zero_grad()``;
+  time per micro-batch, the optimizer step included; dora_fx keeps its norm cache across the step.
+- time: median step (see ``_common.median_ms``) after the compiling first call; ratios to plain LoRA +
+  Inductor, PEFT eager and PEFT + Inductor (``rows[].vs``).
 - compile: wall time of the first call minus the median step, in a fresh Inductor/Triton cache,
   after one throw-away compile has paid the process's one-time costs.
 - memory: ``peak`` = ``max_memory_allocated`` during one step (weights included); ``transient`` =
   that peak less what was allocated before the step and less the logits it returns; ``saved`` (forward
   + backward, on any device) = the activations autograd keeps for the backward (``_common.saved_bytes``).
+- kernels: the profiler's time per kernel name of the fwd+bwd step (``_common.kernel_times``).
 - accuracy: cosine similarity and relative error of the final logits against PEFT eager in float32
   on an upcast copy of the same bf16 weights (DESIGN.md §8: RoPE's ``inv_freq`` is bf16-rounded in
   both, so the comparison measures arithmetic, not a different cast); forward + backward compares the
-  loss and every LoRA/magnitude gradient with PEFT eager's, the largest relative error.
+  loss and every LoRA/magnitude gradient with the same stack's PEFT eager, the largest relative error;
+  accum the losses of the micro-batches.
 """
 
 from __future__ import annotations
@@ -53,7 +61,9 @@ TARGETS = (
     ("train compile time", "fwd+bwd", "dora_fx", "compile_s", "inductor", 1.15),
 )
 COSINE_FLOOR = 0.999
-ALL_CONTENDERS = (*C.CONTENDERS, *C.LORA_CONTENDERS)
+# The default order of the runs: the floor first, then dora_fx, so that a run cut short keeps what matters.
+ALL_CONTENDERS = ("lora_eager", "lora_inductor", "dora_fx", "dora_fx_cached", "inductor", "eager")
+assert set(ALL_CONTENDERS) == {*C.CONTENDERS, *C.LORA_CONTENDERS}
 MODES = ("fwd", "fwd+bwd", "accum")
 COMPILED = ("inductor", "dora_fx", "lora_inductor")  # first call in a fresh Inductor cache; compile_s
 PROFILED = COMPILED  # kernel-time breakdown of the train step
@@ -184,7 +194,10 @@ def train_contender(fn, model: nn.Module, batch: dict, ref: dict, first_call, de
     clear_grads(params)
     train["saved_bytes"] = C.saved_bytes(lambda: fn(**batch).loss, exclude=[*model.parameters(), *model.buffers()])
     if profile and args.profile_steps:
-        train["kernels"] = C.kernel_times(lambda: (clear_grads(params), train_step()), device, args.profile_steps)
+        try:  # the profiler is an extra: its failure must not cost the run's other figures
+            train["kernels"] = C.kernel_times(lambda: (clear_grads(params), train_step()), device, args.profile_steps)
+        except RuntimeError as error:
+            train["kernels"] = {"error": str(error)}
         clear_grads(params)
     return train
 
@@ -202,7 +215,7 @@ def accum_contender(fn, model: nn.Module, batches: list[dict], ref: dict, device
     accum = {"micro_batches": len(batches), "first_call_s": first_s, "loss": losses.mean().item(),
              "err_vs_eager": C.relative_error(losses, ref["accum_losses"])}
     del losses
-    accum["step_ms"] = C.median_ms(step, device, rep_ms)
+    accum["step_ms"] = C.median_ms(step, device, rep_ms * len(batches))  # as many repetitions as fwd+bwd
     accum["ms"] = accum["step_ms"] / len(batches)
     accum["peak_bytes"], accum["transient_bytes"] = C.memory(step, device)
     C.lm_train_step(fn, batches[0])()  # gradients for the optimizer step alone
@@ -240,8 +253,9 @@ def run_contender(name: str, fns: dict, model: nn.Module, batches: list[dict], r
 
 def run_group(args: argparse.Namespace, r: int, model: nn.Module, fns: dict, batches: list[dict],
               device: torch.device):
-    """Yields the rows of each selected contender of ``fns`` (all on ``model``), one list per contender."""
-    selected = [name for name in fns if name in args.contenders]
+    """Yields the rows of each selected contender of ``fns`` (all on ``model``), one list per contender, in
+    the order of ``--contenders``."""
+    selected = [name for name in args.contenders if name in fns]
     if not selected:
         return
     ref = references(model, batches, device)
@@ -258,20 +272,23 @@ def run_group(args: argparse.Namespace, r: int, model: nn.Module, fns: dict, bat
 
 
 def run_rank(args: argparse.Namespace, r: int, device: torch.device):
-    """Yields the rows of each contender at rank ``r``: the DoRA stack's, then the plain-LoRA stack's (the
-    same base weights, A and B), one stack on the device at a time."""
+    """Yields the rows of each contender at rank ``r``: the plain-LoRA stack's (the same base weights, A
+    and B as the DoRA stack's), then the DoRA stack's; one stack on the device at a time."""
     seed = 1000 + r
     batches = make_batches(args, seed, device)
     model = build_model(args, r, device, seed)
-    adapters = lora_adapters(model)
+    if set(C.LORA_CONTENDERS) & set(args.contenders):
+        adapters = lora_adapters(model)
+        del model
+        C.free(device)
+        model = build_model(args, r, device, seed, adapters)
+        yield from run_group(args, r, model, C.lora_contenders(model), batches, device)
+        del model, adapters
+        C.free(device)
+        model = build_model(args, r, device, seed)
     yield from run_group(args, r, model, C.contenders(model), batches, device)
     del model
     C.free(device)
-    if set(C.LORA_CONTENDERS) & set(args.contenders):
-        model = build_model(args, r, device, seed, adapters)
-        yield from run_group(args, r, model, C.lora_contenders(model), batches, device)
-        del model
-        C.free(device)
 
 
 def _row(rows: list[dict], r: int, mode: str, contender: str) -> dict | None:
@@ -317,8 +334,10 @@ def print_table(rows: list[dict]) -> None:
 
 def print_kernels(rows: list[dict], top: int = 6) -> None:
     for row in rows:
-        if "kernels" in row:
-            k = row["kernels"]
+        k = row.get("kernels")
+        if k and "error" in k:
+            print(f"kernels, r={row['r']} {row['mode']} {row['contender']}: profiler failed: {k['error']}")
+        elif k:
             print(f"kernels, r={row['r']} {row['mode']} {row['contender']}: {k['total_ms']:.2f} ms per step; longest:")
             for entry in k["top"][:top]:
                 print(f"  {entry['ms']:8.3f} ms  {entry['count']:6.1f} x  {entry['name'][:90]}")
