@@ -25,6 +25,7 @@ MiB = 2**20
 GiB = 2**30
 
 CONTENDERS = ("eager", "inductor", "dora_fx", "dora_fx_cached")
+LORA_CONTENDERS = ("lora_eager", "lora_inductor")  # the floor: the same model with plain LoRA (use_dora=False)
 FORWARD_ONLY = ("dora_fx_cached",)
 
 
@@ -48,6 +49,11 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
 
     return {"eager": model, "inductor": torch.compile(model, backend="inductor"), "dora_fx": recompute_norm,
             "dora_fx_cached": compiled}
+
+
+def lora_contenders(model: torch.nn.Module) -> dict[str, Callable]:
+    """The plain-LoRA contenders on ``model`` (a PEFT model with ``use_dora=False``): eager and Inductor."""
+    return {"lora_eager": model, "lora_inductor": torch.compile(model, backend="inductor")}
 
 
 def add_llama_shape_arguments(parser) -> None:
@@ -74,6 +80,21 @@ def lm_train_step(fn: Callable, batch: dict) -> Callable[[], torch.Tensor]:
         loss = fn(**batch).loss
         loss.backward()
         return loss.detach()
+
+    return step
+
+
+def lm_accumulation_step(fn: Callable, batches: list[dict], optimizer) -> Callable[[], torch.Tensor]:
+    """Gradient accumulation: a forward + backward of ``fn``'s loss on each of ``batches`` (the gradients
+    summed; AdamW is invariant to their scale), then ``optimizer.step()`` and ``zero_grad()``: the
+    detached losses of the micro-batches."""
+    micro_steps = [lm_train_step(fn, batch) for batch in batches]
+
+    def step() -> torch.Tensor:
+        losses = torch.stack([micro_step() for micro_step in micro_steps])
+        optimizer.step()
+        optimizer.zero_grad()
+        return losses
 
     return step
 
@@ -138,6 +159,25 @@ def memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, 
     transient = max(0, peak - before - nbytes(out))
     del out
     return peak, transient
+
+
+def kernel_times(fn: Callable[[], object], device: torch.device, steps: int, top: int = 25) -> dict:
+    """Where the time of ``fn()`` goes: ``torch.profiler`` over ``steps`` calls, the time grouped by
+    name, per call: on CUDA the kernels' (and copies') device time, on the CPU the operators' self
+    time. ``{"steps", "total_ms", "top": [{"name", "ms", "count"}, ...]}``, ``top`` names, longest first;
+    ``total_ms`` sums every name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    names = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
+             for e in prof.key_averages()]
+    names = sorted((n for n in names if n[1] > 0), key=lambda n: -n[1])
+    return {"steps": steps, "total_ms": sum(ms for _, ms, _ in names),
+            "top": [{"name": name, "ms": ms, "count": count} for name, ms, count in names[:top]]}
 
 
 def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:

@@ -20,7 +20,7 @@ gpu_setup() {
 }
 
 # run_step LOG NAME LIMIT_S COMMAND...: COMMAND under a time limit; its last ${TAIL:-30} lines (less
-# warnings), its exit status and its duration go to LOG.
+# warnings), its exit status and its duration go to LOG; returns its exit status.
 run_step() {
   local log=$1 name=$2 limit=$3 start=$SECONDS
   shift 3
@@ -30,4 +30,5 @@ run_step() {
   grep -v "Warning\|warn(" "$log.step" | tail -n "${TAIL:-30}" >>"$log"
   rm -f "$log.step"
   echo "== $name: rc=$rc in $((SECONDS - start)) s" >>"$log"
+  return $rc
 }

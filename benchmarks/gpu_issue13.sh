@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call on one H200 (device kind nvidia-h200): issue #13's measurements in at most ${TOTAL:-540} s.
+#   1. the CUDA tests, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
+#   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
+#   3. bench_model.py at 1 x 512 tokens: plain LoRA + Inductor and dora_fx, fwd and fwd+bwd (the time left).
+# Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
+# Inductor 10 + 20 s, dora_fx 19 + 75 s, PEFT + Inductor 15 + 39 s; builds, references and measurements
+# 40 s; imports and compiler warm-up 20 s); the 512 run about 150 s (its three contenders' first calls are
+# nearly as long as at 4096). Each run rewrites its JSON after every contender: a run cut short keeps
+# what it measured, and its table is printed from the JSON. Summary: $OUT/issue13.log; JSON in
+# $OUT/results.tar.
+source benchmarks/gpu_common.sh
+TOTAL=${TOTAL:-540}
+LOG=$OUT/issue13.log
+gpu_setup "$OUT/versions.log"
+export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+
+left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at most AT_MOST, at least 1
+  local s=$((TOTAL - 10 - SECONDS))
+  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
+  echo $((s > 1 ? s : 1))
+}
+bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py into $OUT/NAME.json; if cut short, the table of its JSON
+  local name=$1 limit=$2
+  shift 2
+  TAIL=80 run_step "$LOG" "$name" "$limit" python3 benchmarks/bench_model.py --out "$OUT/$name.json" "$@" \
+    || { [ -f "$OUT/$name.json" ] && TAIL=80 run_step "$LOG" "$name (partial)" 20 \
+      python3 benchmarks/bench_model.py --print-only --out "$OUT/$name.json"; }
+}
+
+TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider tests -m cuda
+bench model_4096 "$(left 280)" --seq 4096
+bench model_512 "$(left)" --seq 512 --contenders lora_inductor dora_fx dora_fx_cached --modes fwd fwd+bwd \
+  --profile-steps 0
+cat "$LOG"
+(cd "$OUT" && tar cf results.tar *.json && rm -f *.json)
