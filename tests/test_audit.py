@@ -24,7 +24,7 @@ def test_audit_from_python_on_any_model(tmp_path):
     assert len(before) == len(after) == example.dora_layers
     assert "torch.eye" in before[0].read_text() and "linalg_norm" in before[0].read_text()
     text = after[0].read_text()
-    assert "dora_fx.weight_norm" in text and "dora_fx.compose" in text and "eye" not in text
+    assert "dora_fx.cached_weight_norm" in text and "dora_fx.compose" in text and "eye" not in text
 
 
 def test_audit_cli_prints_table_and_json(capsys, tmp_path):
