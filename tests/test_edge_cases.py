@@ -7,6 +7,7 @@ or checks for a clear error. docs/behaviour.md lists the cases and what each doe
 
 from __future__ import annotations
 
+import collections
 import sys
 import types
 import warnings
@@ -523,6 +524,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(dispatch, "_on_cuda", lambda args: True)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "_reported_failures", set())
+    monkeypatch.setattr(dispatch, "fallbacks", collections.Counter())
     return monkeypatch
 
 
@@ -543,6 +545,25 @@ def test_failing_kernel_falls_back_with_one_warning(fake_cuda):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call warns no more
         torch.testing.assert_close(torch.ops.dora_fx.weight_norm(*args), out)
+
+
+def test_every_fallback_is_counted_though_reported_once(fake_cuda):
+    """``dispatch.fallbacks`` counts each call that fell back, not only the reported first one, so a
+    test sees a fallback even after an earlier test (or call) used up the warning."""
+    from dora_fx.kernels import norm as norm_kernels
+
+    args = _norm_args()
+    fake_cuda.setattr(dispatch, "_on_cuda", lambda args: False)
+    dispatch.call("weight_norm", *args)  # the reference path by choice is no fallback
+    assert not dispatch.fallbacks
+    fake_cuda.setattr(dispatch, "_on_cuda", lambda args: True)
+    fake_cuda.setattr(norm_kernels, "weight_norm", _raise("launch failed"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(dispatch.call("weight_norm", *args), reference.weight_norm(*args))
+    assert sum(issubclass(w.category, RuntimeWarning) for w in caught) == 1
+    assert dispatch.fallbacks == collections.Counter({"weight_norm": 3})
 
 
 def test_kernel_module_that_fails_to_import_falls_back(fake_cuda):
@@ -577,6 +598,7 @@ def test_compiled_training_survives_failing_kernels(fake_cuda):
     assert len(messages) == 3, messages
     for name in ("weight_norm", "compose_with_adapted", "compose_backward"):
         assert sum(f"kernel for {name} failed" in m for m in messages) == 1
+    assert set(dispatch.fallbacks) == {"weight_norm", "compose_with_adapted", "compose_backward"}
     assert len(backend.report.rewrites) == 1
     eager = sl.step(model, model, x)
     sl.assert_matches(ours, eager)
