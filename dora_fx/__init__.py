@@ -5,6 +5,8 @@ composition.
     print(dora_fx.last_report())
 """
 
+import logging
+
 from dora_fx.backend import DoraBackend, dora_backend, last_report, reset_report
 from dora_fx.report import GraphReport, NearMiss, Report, Rewrite
 
@@ -19,3 +21,7 @@ __all__ = [
     "reset_report",
 ]
 __version__ = "0.1.0"
+
+# A library adds no handler of its own beyond this one: records go nowhere until the application
+# configures logging (``logging.basicConfig()``), and Python's last-resort handler stays quiet.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
