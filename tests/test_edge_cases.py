@@ -144,7 +144,8 @@ def test_triton_kernels_keep_zero_norm_and_nonfinite_positions(form):
 def test_magnitude_near_norm_bf16_error_no_worse_than_peft(delta):
     """g = m / norm ≈ 1 (trained magnitudes sit at the norm). PEFT rounds the norm and g to bf16 before
     g - 1; dora_fx computes (m - norm) / norm in fp32. Against a float64 copy of the same bf16 weights,
-    dora_fx's error in the output and every gradient is no worse than eager PEFT's bf16 error."""
+    dora_fx's error in the output and every gradient is at most 1.25x eager PEFT's bf16 error, and
+    below it for the output and the magnitude's gradient."""
     model = sl.build(d_in=64, d_out=48, r=8, dtype=torch.bfloat16)
     _set_magnitude_to_norm(model, delta)
     errors = sl.errors_against_float64(model, torch.randn(6, 64).bfloat16())
