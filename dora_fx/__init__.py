@@ -26,4 +26,6 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# A library adds no handler of its own beyond this one: records go nowhere until the application
+# configures logging (``logging.basicConfig()``), and Python's last-resort handler stays quiet.
 logging.getLogger(__name__).addHandler(logging.NullHandler())

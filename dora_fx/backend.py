@@ -57,10 +57,14 @@ class DoraBackend:
     """A configurable dora_fx backend.
 
     ``DoraBackend()`` rewrites and compiles with Inductor; ``DoraBackend(inner="aot_eager")`` (or any
-    Dynamo backend name or compiler function) hands the rewritten graph to that instead, and
-    ``DoraBackend(rewrite=False)`` only reports. ``backend.report`` accumulates over every graph this
-    backend compiled; :func:`last_report` gives the graphs of the most recent ``torch.compile`` call
-    of any dora_fx backend.
+    Dynamo backend name or compiler function) hands the rewritten graph to that instead.
+    ``DoraBackend(rewrite=False)`` runs no pass: it hands every graph to ``inner`` unchanged and
+    records for it an empty graph report (no rewrites, no near-misses; the graph breaks are still
+    recorded), so it finds nothing and reports nothing about DoRA regions.
+
+    ``backend.report`` accumulates over every graph this backend compiled, for its whole life;
+    :func:`last_report` accumulates over every graph any dora_fx backend compiled since the last
+    :func:`reset_report` (not only those of the most recent ``torch.compile`` call).
 
     ``mode`` and ``options`` mean what they mean to ``torch.compile`` with Inductor (``"default"``,
     ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``; a dict of

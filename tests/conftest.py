@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dora_fx  # noqa: E402  (after the interpreter switch)
+from dora_fx.kernels import dispatch  # noqa: E402
 
 
 def pytest_configure(config):
@@ -26,3 +27,18 @@ def _fresh_dynamo():
     dora_fx.reset_report()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _cuda_tests_run_the_kernels(request):
+    """A test marked ``cuda`` fails if any op fell back from its Triton kernel to the reference math.
+
+    The fallback warns only once per process (so a second test would not see a warning);
+    ``dispatch.fallbacks`` counts every one, and is cleared here for each test.
+    """
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    dispatch.fallbacks.clear()
+    yield
+    assert not dispatch.fallbacks, f"ops fell back to the reference math: {dict(dispatch.fallbacks)}"

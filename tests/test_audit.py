@@ -63,7 +63,12 @@ def test_audit_lists_dora_layers_dynamo_ran_outside_the_graphs():
     assert "base_model.model.model.layers.1.mlp.down_proj" in unseen
     reason = report.not_seen[0].reason
     assert reason.startswith("not seen by the backend — Dynamo ran it outside a compiled graph; graph break reasons:")
-    assert "skip_fwd_side_effects_in_bwd_under_checkpoint" in reason
+    # Dynamo's own messages, whatever their wording: each break's first line and hint are in the reason.
+    assert report.graph_breaks
+    for message in report.graph_breaks:
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        assert lines[0] in reason
+        assert all(line in reason for line in lines if line.startswith("Hint:"))
     text = report.to_text()
     assert f"{example.dora_layers} DoRA layer(s) not seen by the backend" in text.splitlines()[0]
     assert "    base_model.model.model.layers.0.self_attn.q_proj" in text

@@ -1,7 +1,14 @@
 """The PEFT features of tests/test_peft_features.py and tests/test_norm_cache.py on a GPU, compiled
 by Inductor so that the Triton kernels run (skipped without CUDA).
 
-float32 throughout; the kernels' fp32 dot products may use TF32, hence tolerances of about 1e-3.
+float32 throughout. The kernels' float32 dot products use tf32x3 (three TF32 products, about float32
+accuracy, not plain TF32): tests/kernels/ hold the norm kernel to 2e-5 relative error on the squared
+norm (1e-5 on the norm) and the compose kernels to float32 rounding, and eager matmuls here are
+float32 (``allow_tf32`` is off by default). A relative error of 1e-5 in ``g = m / norm`` moves each
+DoRA layer's output by about 1e-5 of its size, so ``rtol=1e-4`` and ``atol=1e-4`` (logits here are
+below 1, the input gradient up to about 100). Measured on one H200 (torch 2.11, Triton 3.6): the
+largest difference in these tests is 1e-6 of the compared tensor's largest entry, and the worst
+element uses 15 % of this tolerance (the 2e-3 used before was some 1000x the error).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-TOLERANCE = dict(rtol=2e-3, atol=2e-3)
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 def _cuda_llama(**kwargs) -> models.Example:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
 import dora_fx
 from dora_fx import models, norm_cache
+from dora_fx.kernels import dispatch
 from tests.helpers import differentiable_inputs, fresh, relative_error, step, zero_grads
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    # A kernel that falls back to the reference math warns (once per process): an error here, from
+    # compilation on. tests/conftest.py also fails a cuda test on any fallback, warned or not.
+    pytest.mark.filterwarnings("error:dora_fx:RuntimeWarning"),
 ]
 
 # The norm's Triton kernel; the composition is traced as PyTorch math and fused by Inductor.
@@ -50,18 +53,20 @@ def test_bf16_model_error_within_twice_eager_peft(name, train):
 def test_compiled_training_step_launches_dora_kernels():
     """The norm's Triton kernel runs (the norm is computed in the step: the cache is cleared), the
     composition is Inductor's own fused code (no dora_fx compose kernel), and no op fell back to the
-    reference math (that warns)."""
+    reference math, while compiling or after (``dispatch.fallbacks`` counts every fallback; the
+    warning comes only once per process)."""
+    dispatch.fallbacks.clear()
     example = _cuda_example("llama", layers=1)
     model = example.model.train()
     compiled = torch.compile(model, backend=dora_fx.dora_backend)
     inputs = differentiable_inputs(example, torch.Generator().manual_seed(1))
     step(compiled, fresh(inputs))  # compile outside the profiled step
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
-            norm_cache.clear()
-            step(compiled, fresh(inputs))
-            torch.cuda.synchronize()
+    assert not dispatch.fallbacks, dict(dispatch.fallbacks)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
+        norm_cache.clear()
+        step(compiled, fresh(inputs))
+        torch.cuda.synchronize()
+    assert not dispatch.fallbacks, dict(dispatch.fallbacks)
     kernels = {event.name for event in prof.events()}
     assert any(NORM_KERNEL in name for name in kernels), f"{NORM_KERNEL} not among {sorted(kernels)[:30]}"
     assert not any(kernel in name for name in kernels for kernel in COMPOSE_KERNELS), sorted(kernels)[:30]

@@ -125,10 +125,10 @@ def test_ddp_rewrites_every_dora_layer_in_one_graph(results):
     assert ddp["rewrites_per_graph"] == [DORA_LAYERS]
     assert ddp["near_misses"] == []
     assert ddp["rewritten_layer_runs_last_step"] == DORA_LAYERS
-    # The only breaks are in DDP's forward wrapper (its logger, and _inside_ddp_forward, which Dynamo
-    # skips on purpose), around the model, not inside it.
-    expected = {"Unsupported method call", "Attempted to call function marked as skipped"}
-    assert set(ddp["graph_break_reasons"]) <= expected
+    # Any graph breaks (on torch 2.13: in DDP's forward wrapper, its logger and _inside_ddp_forward) lie
+    # around the model, not inside it: the model is the one compiled graph, with every DoRA region,
+    # and every DoRA layer ran through it (asserted above by structure, not by Dynamo's wording).
+    assert ddp["graphs_compiled"] == 1
 
 
 def test_ddp_bucket_splits_cost_the_regions_they_cut(results):
@@ -151,5 +151,7 @@ def test_fsdp2_rewrites_every_dora_layer_in_per_layer_graphs(results):
     assert sorted(n for n in fsdp2["rewrites_per_graph"] if n) == [7, 7]
     assert fsdp2["rewrites"] == DORA_LAYERS
     assert fsdp2["rewritten_layer_runs_last_step"] == DORA_LAYERS
-    # FSDP2's hooks are torch._dynamo.disable'd: Dynamo breaks at every fully_shard boundary.
-    assert fsdp2["graph_break_reasons"].get("Attempted to call function marked as skipped", 0) > 0
+    # FSDP2's hooks are torch._dynamo.disable'd: Dynamo breaks at the fully_shard boundaries, which is
+    # what puts each decoder layer in a graph of its own (above).
+    assert fsdp2["graph_breaks"] > 0
+    assert fsdp2["graphs_compiled"] > 2

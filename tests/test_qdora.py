@@ -218,8 +218,11 @@ def test_unsupported_base_is_a_near_miss_with_the_graph_break_listed():
     out = torch.compile(build(), backend=backend)(x)
     torch.testing.assert_close(out, build()(x))
     assert backend.report.rewrites == []
-    assert any("graph break" in m.reason for m in backend.report.near_misses)
-    assert any("disable" in reason for reason in backend.report.graph_breaks)
+    assert any("graph break" in m.reason for m in backend.report.near_misses)  # dora_fx's own reason
+    # Dynamo breaks the DoRA layer at PEFT's dequantize_module_weight, which dora_fx's stand-in hands
+    # back to PEFT (torch._dynamo.disable): matched by the function's name, not Dynamo's wording.
+    assert len(backend.graphs) > 1 and sum(backend.report.graph_breaks.values()) > 0
+    assert any("dequantize_module_weight" in reason for reason in backend.report.graph_breaks)
 
 
 def test_torchao_int8_weight_only_is_rewritten_on_its_dequantized_weight():

@@ -1,12 +1,21 @@
 """Choose, per call, between the Triton kernels and the reference math.
 
-The Triton kernels serve CUDA tensors. Everything else, and any call whose kernel fails to compile or
-launch, runs :mod:`dora_fx.kernels.reference`; a failing kernel is reported once per op and reason
-through ``logging`` and ``warnings``, and the model keeps running.
+The Triton kernels serve CUDA tensors. Everything else, and any call whose kernel fails to import,
+compile or launch here, runs :mod:`dora_fx.kernels.reference`; a failing kernel is reported once per
+op and reason (per process) through ``logging`` and ``warnings``, and the model keeps running.
+:data:`fallbacks` counts every fallback, reported or not, so that a test can see one.
+
+The fallback covers what runs through :func:`call`: eager calls of the ops, and the ops' bodies while
+``torch.compile`` traces them (a kernel that fails there is replaced by the reference math in the
+compiled graph). It does not cover a kernel that Inductor has captured into its generated code
+(``triton_op`` traced with ``wrap_triton``, see :mod:`dora_fx.kernels.launch`): Inductor compiles
+and launches that kernel itself, so a failure there fails the compile, or the compiled call, with
+Triton's own error, and nothing falls back.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import logging
@@ -30,6 +39,10 @@ _KERNEL_MODULE = {
 # instead of launching a kernel of its own; called outside tracing they launch their Triton kernel.
 TRACED_AS_REFERENCE = {"compose", "compose_with_adapted", "compose_backward"}
 _reported_failures: set[tuple[str, str]] = set()
+
+fallbacks: collections.Counter[str] = collections.Counter()
+"""Op name -> number of calls of that op whose kernel failed and that ran the reference math instead,
+every one counted (only the first is reported). Tests clear it and assert that it stays empty."""
 
 
 @functools.cache
@@ -68,5 +81,6 @@ def call(name: str, *args):
             kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)
             return kernel(*args)
         except Exception as exc:  # import, compile or launch failure: fall back, once reported
+            fallbacks[name] += 1
             _report_failure(name, exc)
     return getattr(reference, name)(*args)
