@@ -33,18 +33,21 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
     """The contenders, sharing ``model``'s parameters.
 
     ``eager``: PEFT as is. ``inductor``: ``torch.compile(backend="inductor")``. ``dora_fx``:
-    ``torch.compile(backend=dora_fx.dora_backend)`` with dora_fx's norm cache cleared before every
-    call, so the norm is computed each time, as in training, where every optimizer step changes A and
-    B. ``dora_fx_cached`` (forward only): the same compiled model as it runs in eval by default,
+    ``torch.compile(backend=dora_fx.dora_backend)`` with A's and B's version counters moved on before
+    every call, as an optimizer step moves them, so the norm is computed each time, as in training
+    (the frozen W's ||W||² is kept, as in training). ``dora_fx_cached`` (forward only): the same compiled model as it runs in eval by default,
     reusing the norm while W, A and B are unchanged (compare with ``peft.helpers.DoraCaching``).
     """
     import dora_fx
-    from dora_fx import norm_cache
 
     compiled = torch.compile(model, backend=dora_fx.dora_backend)
 
+    adapters = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+
     def recompute_norm(*args, **kwargs):
-        norm_cache.clear()
+        # What an optimizer step does to the norm's inputs: A's and B's versions move on (no kernel
+        # launched for it); the frozen W's ||W||² stays valid, as in training.
+        torch._C._autograd._unsafe_set_version_counter(tuple(adapters), tuple(p._version + 1 for p in adapters))
         return compiled(*args, **kwargs)
 
     return {"eager": model, "inductor": torch.compile(model, backend="inductor"), "dora_fx": recompute_norm,

@@ -599,26 +599,25 @@ def fused_weight_norm(
 
 @triton.jit
 def _norm_rows_kernel(
-    u_ptr, g_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
-    stride_um, stride_ur, stride_gi, stride_gj, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr,
+    u_ptr, bg_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
+    stride_um, stride_ur, stride_bgm, stride_bgr, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr, BG_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
 ):
-    """Row norms from ``U = W Aᵀ [d_out, r]``, ``G = A Aᵀ [r, r]`` (float32) and ``||W_i||²``.
+    """Row norms from ``U = W Aᵀ``, ``B G`` (float32 ``[d_out, r]``, ``G = A Aᵀ``) and ``||W_i||²``.
 
-    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time:
-    ``cross_i = Σ_j B[i, j]·U[i, j]`` and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``, with ``(B G)[:, N]``
-    from ``tl.dot`` in ``tf32x3`` (about fp32 accuracy) over ``BLOCK_R`` chunks of ``r``. Then
-    ``size = ||W_i||² + s²·lora_i``, ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows`
-    (cancelled rows recomputed densely from ``W``, ``A`` and ``B``, clamp, square root).
+    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time: ``cross_i = Σ_j B[i, j]·U[i, j]``
+    and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``; with ``BG_HALVES`` the ``B G`` buffer is ``[d_out, 2r]``,
+    ``B·G_hi`` then ``B·G_lo``, added here. Then ``size = ||W_i||² + s²·lora_i``,
+    ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows` (cancelled rows recomputed
+    densely from ``W``, ``A`` and ``B``, clamp, square root).
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < d_out
     s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
     offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lora = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n in range(0, r, BLOCK_N):
@@ -626,20 +625,10 @@ def _norm_rows_kernel(
         mask = mask_m[:, None] & (cols < r)[None, :]
         b_n = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
         u_n = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_ur, mask=mask, other=0.0)
-        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in range(0, r, BLOCK_R):
-            inner = j + offs_r
-            b_j = tl.load(
-                b_ptr + rows[:, None] * stride_bm + inner[None, :] * stride_br,
-                mask=mask_m[:, None] & (inner < r)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            g_jn = tl.load(
-                g_ptr + inner[:, None] * stride_gi + cols[None, :] * stride_gj,
-                mask=(inner < r)[:, None] & (cols < r)[None, :],
-                other=0.0,
-            )
-            bg = tl.dot(b_j, g_jn, bg, input_precision="tf32x3")
+        bg_ptrs = bg_ptr + rows[:, None] * stride_bgm + cols[None, :] * stride_bgr
+        bg = tl.load(bg_ptrs, mask=mask, other=0.0)
+        if BG_HALVES:
+            bg += tl.load(bg_ptrs + r * stride_bgr, mask=mask, other=0.0)
         cross += tl.sum(b_n * u_n, axis=1)
         lora += tl.sum(b_n * bg, axis=1)
     w_sq = tl.load(w_sq_ptr + rows, mask=mask_m, other=0.0)
@@ -652,6 +641,17 @@ def _norm_rows_kernel(
     )
 
 
+def _times_gram(lora_B: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(B·G, halves)`` in float32. For a bf16 ``B`` on CUDA, one tensor-core GEMM against
+    ``[G_hi | G_lo]`` (``G = G_hi + G_lo``, both bf16: about 16 bits of ``G``; ``B`` exact), so the
+    result is ``[d_out, 2r]`` and ``halves`` is True; otherwise a float32 GEMM."""
+    if lora_B.dtype == torch.bfloat16 and reference.mm_to_float32_in_place(lora_B, lora_B):
+        g_hi = gram.to(torch.bfloat16)
+        halves = torch.cat([g_hi, (gram - g_hi.float()).to(torch.bfloat16)], dim=1)  # [r, 2r]
+        return reference.matmul_float32(lora_B, halves), True
+    return lora_B.float() @ gram, False
+
+
 def weight_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -662,8 +662,8 @@ def weight_norm(
     *,
     dense_fallback: bool = True,
 ) -> torch.Tensor:
-    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: two GEMMs
-    (``U = W Aᵀ``, ``G = A Aᵀ``, float32 outputs; cuBLAS on CUDA) and ``_norm_rows_kernel``.
+    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: three GEMMs
+    (``U = W Aᵀ``, ``G = A Aᵀ``, ``B G``; float32 outputs, cuBLAS on CUDA) and ``_norm_rows_kernel``.
 
     ``row_squares`` is ``||W_i||²`` in float32 when the caller has it (a frozen ``W``'s is computed
     once, :mod:`dora_fx.norm_cache`); otherwise it is computed here, one more read of ``W``.
@@ -679,18 +679,17 @@ def weight_norm(
     if row_squares is None:
         row_squares = torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
     u = reference.matmul_float32(w_rows, lora_A.T)
-    gram = reference.matmul_float32(lora_A, lora_A.T)
+    bg, halves = _times_gram(lora_B, reference.matmul_float32(lora_A, lora_A.T))
     out = torch.empty((d_out,), dtype=torch.float32, device=weight.device)
     interpreting = launch.interpreting()
-    block_m = 16 if interpreting or d_out <= 4096 else 32
-    block_n = min(64, _pow2_at_least(r))
-    block_r = min(32, _pow2_at_least(r))
+    block_m = 16 if interpreting else 32
+    block_n = min(64 if interpreting else 128, _pow2_at_least(r))
     launchable(_norm_rows_kernel, weight)[(triton.cdiv(d_out, block_m),)](
-        u, gram, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
-        u.stride(0), u.stride(1), gram.stride(0), gram.stride(1), w_rows.stride(0), w_rows.stride(1),
+        u, bg, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
+        u.stride(0), u.stride(1), bg.stride(0), bg.stride(1), w_rows.stride(0), w_rows.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=32 if interpreting else 64,
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback, BG_HALVES=halves,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if interpreting else 64,
         DENSE_ROWS=16, DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
         num_warps=4, num_stages=1,
     )
