@@ -642,10 +642,10 @@ def _norm_rows_kernel(
 
 
 def _times_gram(lora_B: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(B·G, halves)`` in float32. For a bf16 ``B`` on CUDA, one tensor-core GEMM against
-    ``[G_hi | G_lo]`` (``G = G_hi + G_lo``, both bf16: about 16 bits of ``G``; ``B`` exact), so the
-    result is ``[d_out, 2r]`` and ``halves`` is True; otherwise a float32 GEMM."""
-    if lora_B.dtype == torch.bfloat16 and reference.mm_to_float32_in_place(lora_B, lora_B):
+    """``(B·G, halves)`` in float32. For a bf16 ``B``, one GEMM against ``[G_hi | G_lo]``
+    (``G = G_hi + G_lo``, both bf16: about 16 bits of ``G``; ``B`` exact) on the tensor cores on CUDA,
+    so the result is ``[d_out, 2r]`` and ``halves`` is True; otherwise a float32 GEMM."""
+    if lora_B.dtype == torch.bfloat16:
         g_hi = gram.to(torch.bfloat16)
         halves = torch.cat([g_hi, (gram - g_hi.float()).to(torch.bfloat16)], dim=1)  # [r, 2r]
         return reference.matmul_float32(lora_B, halves), True
