@@ -10,8 +10,11 @@ through autograd-visible ops (an optimizer step, ``load_state_dict``, ``copy_``/
 The frozen base weight's row sums ``||W_i||²`` are kept the same way (:func:`row_squares`), so a
 recomputed norm need not read ``W`` for them.
 
-Writes through ``tensor.data`` (``p.data.add_(...)``) bypass the version counter; call
-:func:`clear` after such writes. Inference tensors (no version counter) and values produced during
+Some optimizers write their parameters without moving the version counters (torch's
+``AdamW(fused=True)``, which the HF Trainer uses by default, is one); so every optimizer step (a global
+``torch.optim`` step hook, registered when the first value is kept) also forgets every norm, and the
+``||W||²`` of any weight that optimizer updates. Other writes through ``tensor.data``
+(``p.data.add_(...)``) bypass the version counter; call :func:`clear` after such writes. Inference tensors (no version counter) and values produced during
 CUDA graph capture are never kept.
 """
 
@@ -21,6 +24,7 @@ import weakref
 from collections.abc import Callable, Hashable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _MAX_ENTRIES_BEFORE_PRUNING = 4096
 
@@ -56,6 +60,7 @@ class VersionedCache:
         during CUDA graph capture)."""
         if any(t.is_inference() for t in tensors) or _capturing(tensors[0]):
             return
+        _forget_at_optimizer_steps()
         if len(self._entries) >= _MAX_ENTRIES_BEFORE_PRUNING:
             for stale in [k for k, (refs, _, _) in self._entries.items() if any(r() is None for r in refs)]:
                 del self._entries[stale]
@@ -68,12 +73,33 @@ class VersionedCache:
             self.put(tensors, extra, value)
         return value
 
+    def forget(self, tensor_ids: set[int]) -> None:
+        """Drop the values kept for any of the tensors whose ``id`` is in ``tensor_ids``."""
+        for key in [k for k, (refs, _, _) in self._entries.items() if any(id(r()) in tensor_ids for r in refs)]:
+            del self._entries[key]
+
     def clear(self) -> None:
         self._entries.clear()
 
 
 _norms = VersionedCache()
 _squares = VersionedCache()
+
+
+_hook_registered = False
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """An optimizer step changed the adapters (maybe without moving their versions): no norm is valid."""
+    _norms.clear()
+    _squares.forget({id(p) for group in optimizer.param_groups for p in group["params"]})
+
+
+def _forget_at_optimizer_steps() -> None:
+    global _hook_registered
+    if not _hook_registered:
+        register_optimizer_step_post_hook(_after_optimizer_step)
+        _hook_registered = True
 
 
 def clear() -> None:

@@ -63,6 +63,20 @@ def test_optimizer_step_invalidates(norm_calls):
     assert len(norm_calls) > before
 
 
+def test_fused_optimizer_step_invalidates_in_eval(norm_calls):
+    """``AdamW(fused=True)`` leaves the version counters as they were; eval after its step still sees
+    the new adapters."""
+    _, model, compiled, x = _eval_model()
+    _check(compiled, model, x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    versions = [p._version for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert [p._version for p in params] == versions  # the premise
+    _check(compiled, model, x)
+
+
 def test_load_state_dict_invalidates(norm_calls):
     example, model, compiled, x = _eval_model()
     _check(compiled, model, x)
@@ -178,15 +192,25 @@ def _accumulate(fn, model, micro_batches, optimizer=None):
     return [loss.item() for loss in losses]
 
 
-@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
-def test_gradient_accumulation_computes_one_norm_per_optimizer_step(norm_calls, inner):
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    # Writes the parameters without moving their version counters: the step hook must catch it.
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.05, foreach=True),
+}
+
+
+@pytest.mark.parametrize(
+    "inner, optimizer", [("aot_eager", "sgd"), ("inductor", "sgd"), ("aot_eager", "adamw-fused"), ("aot_eager", "adamw-foreach")]
+)
+def test_gradient_accumulation_computes_one_norm_per_optimizer_step(norm_calls, inner, optimizer):
     """Between optimizer steps W, A and B do not change: the micro-batches share one norm per layer,
     and the losses and updated parameters equal eager PEFT's accumulating the same way."""
     example, model, compiled, x = _train_model(inner)
     eager = copy.deepcopy(model)
     micro_batches = [x + 0.1 * i for i in range(3)]
     params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
-    ours_opt, eager_opt = torch.optim.SGD(params(model), lr=0.1), torch.optim.SGD(params(eager), lr=0.1)
+    ours_opt, eager_opt = OPTIMIZERS[optimizer](params(model)), OPTIMIZERS[optimizer](params(eager))
     for step in range(2):
         ours = _accumulate(compiled, model, micro_batches, ours_opt)
         assert len(norm_calls) == example.dora_layers * (step + 1)
