@@ -132,3 +132,45 @@ def test_weight_norm_rejects_shapes_that_do_not_chain():
     _, (weight, lora_A, lora_B, s, _) = _norm_inputs()
     with pytest.raises(ValueError, match="shapes do not chain"):
         torch.ops.dora_fx.weight_norm(weight, lora_A[:, :-1], lora_B, s, False)
+
+
+def _layer_inputs(zero_magnitudes: bool, dtype=torch.float64):
+    """``(x, W, A, B, m, norm)`` of one layer, ``m`` zero in two features when asked."""
+    gen = torch.Generator().manual_seed(2)
+    x, weight, lora_A, lora_B = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((2, 3, 5), (6, 5), (2, 5), (6, 2)))
+    magnitude = torch.rand(6, generator=gen, dtype=dtype) + 0.5
+    if zero_magnitudes:
+        magnitude[[1, 4]] = 0
+    norm = torch.rand(6, generator=gen, dtype=dtype) + 0.5
+    return x.requires_grad_(), weight, lora_A.requires_grad_(), lora_B.requires_grad_(), magnitude.requires_grad_(), norm
+
+
+@pytest.mark.parametrize("zero_magnitudes", [False, True])
+def test_compose_saving_output_gradcheck(zero_magnitudes):
+    """Gradients of the whole layer through ``compose_saving_output``, the features with ``m = 0``
+    included (their magnitude gradient comes from ``zero_magnitude_grad``)."""
+    x, weight, lora_A, lora_B, magnitude, norm = _layer_inputs(zero_magnitudes)
+
+    def layer(x, lora_A, lora_B, magnitude):
+        result, lora = x @ weight.T, (x @ lora_A.T) @ lora_B.T
+        return torch.ops.dora_fx.compose_saving_output(
+            result, lora, magnitude, norm, 1.5, x, weight, lora_A, lora_B, False
+        )
+
+    expected = (magnitude / norm) * (x @ weight.T + 1.5 * (x @ lora_A.T) @ lora_B.T)
+    torch.testing.assert_close(layer(x, lora_A, lora_B, magnitude), expected)
+    assert torch.autograd.gradcheck(layer, (x, lora_A, lora_B, magnitude))
+
+
+def test_compose_saving_output_and_zero_magnitude_grad_opcheck():
+    x, weight, lora_A, lora_B, magnitude, norm = (t.detach().float() for t in _layer_inputs(True))
+    result, lora = x @ weight.T, (x @ lora_A.T) @ lora_B.T
+    torch.library.opcheck(
+        torch.ops.dora_fx.compose_saving_output.default,
+        (result, lora, magnitude.requires_grad_(), norm, 1.5, x, weight, lora_A, lora_B, False),
+    )
+    grad_out = torch.randn_like(result)
+    torch.library.opcheck(
+        torch.ops.dora_fx.zero_magnitude_grad.default,
+        (grad_out, x, weight, lora_A, lora_B, 1.5, magnitude.detach(), norm, False),
+    )
