@@ -11,11 +11,12 @@ Matches (PEFT 0.21 ``DoraLinearLayer.forward`` as Dynamo traces it; ``.to``/``.d
 
 Rewrite to::
 
-    norm = dora_fx.weight_norm(W, A, B, s, fan_in_fan_out)       # never forms dense (cached_weight_norm
-                                                                 # in graphs without gradients)
+    norm = dora_fx.cached_weight_norm(W, A, B, s, fan_in_fan_out)   # never forms dense; one per optimizer
+                                                                    # step (.detach()ed in training graphs)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
-    # where m needs a gradient (training): the variant whose backward keeps one activation, not two
-    out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)
+    # where m needs a gradient (training), the variants whose backward keeps one activation, not two:
+    out  = dora_fx.compose_saving_output(result, lora, m, norm, s, x, W, A, B, fan_in_fan_out)  # reused base, no bias
+    out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)   # otherwise
 
 When W is a bitsandbytes dequantization, :mod:`dora_fx.passes.qdora` supplies the norm op that reads
 the quantized weight instead (``weight_norm_4bit`` / ``weight_norm_int8``).
@@ -261,9 +262,9 @@ def _check_gradients(nodes: dict[str, fx.Node]) -> None:
     """The rewrite keeps every gradient of the graph: ``.detach()`` is looked through when matching,
     so check here that detaching happens exactly where the rewritten ops assume it.
 
-    ``dora_fx::weight_norm`` has no gradient (PEFT detaches the norm), so the norm that ``g`` reads
-    must not require one; and ``dora_fx::compose`` gives each of its inputs a gradient, so none may be
-    detached on its way into the composition.
+    The rewritten norm has no gradient (PEFT detaches the norm), so the norm that ``g`` reads must not
+    require one; and the compose ops give each of their inputs a gradient, so none may be detached on
+    its way into the composition.
     """
     norm_as_read = nodes["g"].args[1]
     _require(
