@@ -29,11 +29,13 @@
     ``adapted`` instead of ``result`` and ``lora``, one activation-sized tensor per layer instead of
     two; the rewrite uses it where the magnitude needs a gradient (training).
 
-On CUDA the ops launch the Triton kernels of :mod:`dora_fx.kernels`; elsewhere they run the
-reference math of :mod:`dora_fx.kernels.reference`. ``weight_norm``, ``compose``,
-``compose_with_adapted`` and ``compose_backward`` are ``torch.library.triton_op``s:
-``torch.compile`` traces through them, so a compiled graph launches the kernels from Inductor's
-generated code (and, on the CPU, fuses the reference math) instead of calling back into Python.
+Called on real tensors, the ops launch the Triton kernels of :mod:`dora_fx.kernels` on CUDA and run
+the reference math of :mod:`dora_fx.kernels.reference` elsewhere. ``weight_norm``, the compose ops
+and ``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them. For
+the compose ops it traces the reference math (``dispatch.TRACED_AS_REFERENCE``), which Inductor fuses
+with the neighbouring ops; ``weight_norm`` traced on CUDA leaves its kernel in Inductor's generated
+code. ``cached_weight_norm`` and ``zero_magnitude_grad`` stay ops of their own in compiled graphs
+(a cache lookup; a data-dependent amount of work).
 Each op validates its inputs, in eager calls and when traced with fake tensors, so a bad call fails
 with a message naming the problem.
 """

@@ -9,7 +9,10 @@ output without bias (``result - bias`` when PEFT reuses the base layer's output)
   nor ``lora`` has to be kept for it.
 - ``_compose_backward_kernel``: one pass over ``d`` and ``adapted`` writes ``grad_main`` and
   ``grad_lora`` and, per block of rows, the column sums ``Σ_rows d·adapted`` into a float32
-  ``[row_blocks, N]`` buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics).
+  ``[row_blocks, N]`` buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics),
+  or by ``m`` when the saved tensor is the output ``g·adapted``.
+- ``_zero_magnitude_grad_kernel``: the magnitude's gradient at the features with ``m = 0``, where the
+  output cannot give ``adapted`` back; programs without such features return at once.
 
 Inputs are ``[..., N]``; leading dimensions are flattened into rows addressed with int64 offsets
 through a row stride, so row-strided views need no copy.

@@ -1,9 +1,16 @@
 """Triton kernels for the factored DoRA weight norm (DESIGN.md §3).
 
 ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, U_i> + s²<B_i, (B G)_i>`` with ``U = W Aᵀ [d_out, r]`` and
-``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed.
+``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed. Two implementations:
 
-Launch plan (``weight_norm``), three launches at most:
+- ``weight_norm`` (what the ops call on CUDA): ``U``, ``G`` and ``B G`` from cuBLAS GEMMs with float32
+  outputs (``B G`` against the two bf16 halves of ``G`` for a bf16 ``B``), then ``_norm_rows_kernel``,
+  one pass over the rows that sums ``<B_i, U_i>`` and ``<B_i, (B G)_i>`` and finishes them as below
+  (``||W||²`` given by the caller, kept per frozen weight, or computed).
+- ``fused_weight_norm``: one pass over ``W`` that accumulates ``U`` with ``tl.dot`` and the row sums of
+  ``W²`` from the same tiles; kept to be measured against the first in one run (``bench_kernels.py``).
+
+Launch plan of ``fused_weight_norm``, three launches at most:
 
 1. ``G = A Aᵀ`` in float32: cuBLAS with float32 output for 16-bit ``A`` on CUDA, else
    ``_gram_kernel`` (split over ``d_in``; only the upper triangle of tiles is computed).
