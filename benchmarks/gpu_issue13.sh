@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on one H200 (device kind nvidia-h200): issue #13's measurements in at most ${TOTAL:-540} s.
 #   1. the CUDA tests, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
-#   1b. bench_kernels.py --quick --norm-only: the norm implementations side by side (at most 60 s);
+#   1b. with KERNELS=1, bench_kernels.py --quick --norm-only: the norm implementations (at most 60 s);
+#   1c. bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
 #   3. bench_model.py at 1 x 512 tokens: plain LoRA + Inductor and dora_fx, fwd and fwd+bwd (the time left).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
@@ -29,11 +30,12 @@ bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py into $OUT/NAME.json; if 
       python3 benchmarks/bench_model.py --print-only --out "$OUT/$name.json"; }
 }
 
-TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider "${TESTS:-tests}" -m cuda
-TAIL=40 run_step "$LOG" kernels_norm "$(left 60)" python3 benchmarks/bench_kernels.py --quick --norm-only \
-  --no-inductor --out "$OUT/kernels_norm.json"
-bench model_4096 "$(left 280)" --seq 4096 --contenders lora_inductor dora_fx dora_fx_cached inductor eager
-bench model_512 "$(left)" --seq 512 --contenders lora_inductor dora_fx dora_fx_cached inductor eager \
+TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} -m cuda
+[ -n "${KERNELS:-}" ] && TAIL=40 run_step "$LOG" kernels_norm "$(left 60)" python3 benchmarks/bench_kernels.py \
+  --quick --norm-only --no-inductor --out "$OUT/kernels_norm.json"
+TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
+bench model_4096 "$(left 240)" --seq 4096 --contenders lora_inductor dora_fx dora_fx_cached inductor eager
+bench model_512 "$(left)" --seq 512 --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
   --modes fwd fwd+bwd --profile-steps 0
 cat "$LOG"
 (cd "$OUT" && tar cf results.tar *.json && rm -f *.json)

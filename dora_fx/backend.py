@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from dora_fx import compat, compile_options
+from dora_fx import compat, compile_options, norm_inputs
+from dora_fx.passes.lift_norms import lift_norms
 from dora_fx.passes.pipeline import run_passes
 from dora_fx.report import GraphReport, NearMiss, Report
 
@@ -127,6 +128,13 @@ class DoraBackend:
             self.inner if isinstance(self.inner, str) else getattr(self.inner, "__name__", repr(self.inner)),
             f" {config_patches}" if config_patches else "",
         )
+        gm, lifted = lift_norms(gm)
+        if lifted:
+            example_inputs = [*example_inputs, *norm_inputs.example_norms(lifted, example_inputs)]
+        compiled = self._compile(gm, example_inputs, config_patches)
+        return norm_inputs.with_norm_inputs(compiled, lifted) if lifted else compiled
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list, config_patches: dict) -> Callable:
         if self.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 

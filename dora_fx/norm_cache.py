@@ -60,7 +60,7 @@ class VersionedCache:
         during CUDA graph capture)."""
         if any(t.is_inference() for t in tensors) or _capturing(tensors[0]):
             return
-        _forget_at_optimizer_steps()
+        watch_optimizer_steps()
         if len(self._entries) >= _MAX_ENTRIES_BEFORE_PRUNING:
             for stale in [k for k, (refs, _, _) in self._entries.items() if any(r() is None for r in refs)]:
                 del self._entries[stale]
@@ -87,15 +87,25 @@ _squares = VersionedCache()
 
 
 _hook_registered = False
+_epoch = 0
+
+
+def epoch() -> int:
+    """A count that moves on at every optimizer step and every :func:`clear`: a norm computed in an
+    earlier epoch may be stale even where the versions of its tensors did not move."""
+    return _epoch
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """An optimizer step changed the adapters (maybe without moving their versions): no norm is valid."""
+    global _epoch
+    _epoch += 1
     _norms.clear()
     _squares.forget({id(p) for group in optimizer.param_groups for p in group["params"]})
 
 
-def _forget_at_optimizer_steps() -> None:
+def watch_optimizer_steps() -> None:
+    """Make every optimizer step move :func:`epoch` on and forget the kept norms, from now on."""
     global _hook_registered
     if not _hook_registered:
         register_optimizer_step_post_hook(_after_optimizer_step)
@@ -103,7 +113,9 @@ def _forget_at_optimizer_steps() -> None:
 
 
 def clear() -> None:
-    """Forget every cached norm and ``||W||²``."""
+    """Forget every cached norm and ``||W||²`` (and move :func:`epoch` on)."""
+    global _epoch
+    _epoch += 1
     _norms.clear()
     _squares.clear()
 

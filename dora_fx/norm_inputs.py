@@ -1,0 +1,154 @@
+"""The norms a compiled graph takes as inputs (:mod:`dora_fx.passes.lift_norms`), computed before each
+call and reused while ``W``, ``A`` and ``B`` are unchanged.
+
+Reuse follows :mod:`dora_fx.norm_cache`: the norms stay valid while every ``W``, ``A`` and ``B`` of the
+graph is the same object, with the same storage and the same version counter, and no optimizer step
+happened (:func:`dora_fx.norm_cache.epoch`; fused AdamW writes parameters without moving their
+versions). The check is a tuple comparison per call; nothing is computed on a hit.
+
+Each norm lives at one address for the life of the compiled graph, refreshed in place, so the compiled
+graph can treat it as a static input (CUDA graphs read it without a copy). A refresh moves the buffers'
+version counters: a backward that saved a norm before its W, A or B changed fails with autograd's
+in-place error rather than using the new norm.
+
+On CUDA, all the norms of a graph are recomputed by one replay of a CUDA graph captured on the first
+refresh (a dozen kernels per norm otherwise cost the host more than the GPU), captured again when a
+tensor moves to another address or a base weight changes (its ``||W||²`` is read, not recomputed, by
+the captured work). Where capture fails the norms are computed eagerly, reported once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dora_fx import norm_cache
+from dora_fx.kernels import dispatch, launch
+from dora_fx.passes.lift_norms import LiftedNorm
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+
+def example_norms(specs: Sequence[LiftedNorm], example_inputs: Sequence) -> list[Tensor]:
+    """Example values of the lifted norms for the compiler, of the kind ``example_inputs`` are (fake or real)."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    with fake_mode if fake_mode is not None else torch.no_grad():
+        return [
+            torch.zeros(spec.d_out, dtype=spec.dtype, device=example_inputs[spec.weight].device) for spec in specs
+        ]
+
+
+class NormInputs:
+    """The lifted norms of one compiled graph: ``norms(args)`` gives their values for the graph's inputs."""
+
+    def __init__(self, specs: Sequence[LiftedNorm]):
+        self.specs = tuple(specs)
+        self._positions = sorted({i for s in self.specs for i in (s.weight, s.lora_A, s.lora_B)})
+        self._weights = sorted({s.weight for s in self.specs})
+        self._state: tuple | None = None
+        self._buffers: list[Tensor] | None = None
+        self._graph: _CapturedNorms | None = None
+        self._capture_failed = False
+        self.refreshes = 0
+        """How many times the norms were computed (tests count them)."""
+        norm_cache.watch_optimizer_steps()
+
+    def norms(self, args: Sequence) -> list[Tensor]:
+        tensors = [args[i] for i in self._positions]
+        state = _state(tensors)
+        if state is None or state != self._state:
+            self._refresh(args, tensors)
+            self._state = None if _capturing(tensors) else state
+        return self._buffers
+
+    def _refresh(self, args: Sequence, tensors: list[Tensor]) -> None:
+        self.refreshes += 1
+        with torch.no_grad():
+            values = self._compute_on_cuda_graph(args, tensors) if self._use_cuda_graph(tensors) else None
+            if values is None:
+                values = self._compute(args)
+            if self._buffers is None:
+                self._buffers = [v.clone() for v in values]
+            else:
+                torch._foreach_copy_(self._buffers, values)
+
+    def _compute(self, args: Sequence, squares: list[Tensor] | None = None) -> list[Tensor]:
+        if squares is None:
+            squares = self._row_squares(args)
+        return [
+            dispatch.call("weight_norm", args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out, sq)
+            for s, sq in zip(self.specs, squares)
+        ]
+
+    def _row_squares(self, args: Sequence) -> list[Tensor]:
+        return [norm_cache.row_squares(args[s.weight], s.fan_in_fan_out) for s in self.specs]
+
+    def _use_cuda_graph(self, tensors: list[Tensor]) -> bool:
+        return (
+            not self._capture_failed
+            and all(t.is_cuda for t in tensors)
+            and not _capturing(tensors)
+            and dispatch.triton_available()
+            and not launch.interpreting()
+        )
+
+    def _compute_on_cuda_graph(self, args: Sequence, tensors: list[Tensor]) -> list[Tensor] | None:
+        key = (tuple(map(id, tensors)), tuple(t.data_ptr() for t in tensors), tuple(args[i]._version for i in self._weights))
+        if self._graph is None or self._graph.key != key:
+            self._graph = None
+            squares = self._row_squares(args)  # kept outside the graph, read by it
+            try:
+                self._graph = _CapturedNorms(key, lambda: self._compute(args, squares), keep=squares)
+            except Exception as exc:  # a kernel that cannot be captured: compute eagerly from now on
+                self._capture_failed = True
+                log.warning("dora_fx: the norms could not be captured in a CUDA graph (%s); computing them eagerly", exc)
+                return None
+        return self._graph.replay()
+
+
+class _CapturedNorms:
+    """A CUDA graph of a norm computation, captured after one warm-up run on a side stream."""
+
+    def __init__(self, key: tuple, compute: Callable[[], list[Tensor]], keep: object):
+        self.key = key
+        self._inputs = keep  # tensors the graph reads that nothing else may keep alive
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            compute()  # compiles the kernels and sets up cuBLAS outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._outputs = compute()
+
+    def replay(self) -> list[Tensor]:
+        self._graph.replay()
+        return self._outputs
+
+
+def _state(tensors: list[Tensor]) -> tuple | None:
+    """What must stay equal for the norms to stay valid, or ``None`` where there is no such thing
+    (inference tensors have no version counter)."""
+    try:
+        return (norm_cache.epoch(), *map(id, tensors), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+    except RuntimeError:
+        return None
+
+
+def _capturing(tensors: list[Tensor]) -> bool:
+    return tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def with_norm_inputs(compiled: Callable, specs: Sequence[LiftedNorm]) -> Callable:
+    """``compiled`` (a graph with ``specs`` as its trailing inputs), called with its other inputs only."""
+    inputs = NormInputs(specs)
+
+    def call_with_norms(*args):
+        return compiled(*args, *inputs.norms(args))
+
+    call_with_norms.norm_inputs = inputs
+    return call_with_norms

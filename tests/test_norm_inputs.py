@@ -1,0 +1,140 @@
+"""The norms a compiled graph takes as inputs: computed before the call, reused while W, A and B are
+unchanged, recomputed after every kind of change, kept at one address."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_fx
+from dora_fx import models, norm_inputs
+from dora_fx.kernels import reference
+from dora_fx.passes.lift_norms import NAME_PREFIX, LiftedNorm
+
+
+def _layer(seed: int = 0, d_out: int = 12, d_in: int = 10, r: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, generator=g)
+    lora_A = torch.randn(r, d_in, generator=g).requires_grad_()
+    lora_B = torch.randn(d_out, r, generator=g).requires_grad_()
+    return [torch.randn(2, d_in, generator=g), weight, lora_A, lora_B]
+
+
+def _bank(args, scaling=0.5):
+    spec = LiftedNorm(weight=1, lora_A=2, lora_B=3, scaling=scaling, fan_in_fan_out=False, d_out=args[1].shape[0],
+                      dtype=torch.float32)
+    return norm_inputs.NormInputs([spec])
+
+
+def _expected(args, scaling=0.5):
+    return reference.weight_norm(args[1], args[2].detach(), args[3].detach(), scaling, False)
+
+
+def test_reused_while_unchanged_and_recomputed_after_each_change():
+    args = _layer()
+    bank = _bank(args)
+    (norm,) = bank.norms(args)
+    address = norm.data_ptr()
+    torch.testing.assert_close(norm, _expected(args))
+    bank.norms(args)
+    assert bank.refreshes == 1
+
+    changes = {
+        "in-place edit": lambda: _in_place(args[3]),
+        "optimizer step": lambda: _optimizer_step(args[2]),
+        "new storage": lambda: setattr(args[3], "data", args[3].data.clone() * 0.5),
+        "another tensor": lambda: args.__setitem__(2, (args[2].detach() * 3.0).requires_grad_()),
+        "base weight edit": lambda: _in_place(args[1]),
+    }
+    for count, (what, change) in enumerate(changes.items(), start=2):
+        change()
+        (norm,) = bank.norms(args)
+        assert bank.refreshes == count, what
+        torch.testing.assert_close(norm, _expected(args), msg=what)
+        assert norm.data_ptr() == address, what  # refreshed in place: a static input stays put
+
+
+def _in_place(tensor):
+    with torch.no_grad():
+        tensor.mul_(1.5)
+
+
+def _optimizer_step(param):
+    # An optimizer that writes through .data, as fused optimizers do: no version counter moves, yet
+    # the step hook tells the bank that its norms may be stale.
+    class DataWriter(torch.optim.Optimizer):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(0.25)
+
+    version = param._version
+    DataWriter([param], {}).step()
+    assert param._version == version
+
+
+def test_a_refresh_moves_the_buffers_versions():
+    """A backward that saved a norm before its W, A or B changed fails loudly instead of using the new one."""
+    args = _layer()
+    bank = _bank(args)
+    (norm,) = bank.norms(args)
+    version = norm._version
+    _in_place(args[3])
+    bank.norms(args)
+    assert norm._version > version
+
+
+def test_inference_tensors_are_recomputed_every_call():
+    with torch.inference_mode():
+        args = _layer()
+    bank = _bank(args)
+    for _ in range(2):
+        (norm,) = bank.norms(args)
+    assert bank.refreshes == 2
+    torch.testing.assert_close(norm, _expected(args))
+
+
+def _recording_banks(monkeypatch):
+    banks = []
+    original = norm_inputs.with_norm_inputs
+
+    def recording(compiled, specs):
+        wrapped = original(compiled, specs)
+        banks.append(wrapped.norm_inputs)
+        return wrapped
+
+    monkeypatch.setattr(norm_inputs, "with_norm_inputs", recording)
+    return banks
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_compiled_model_takes_its_norms_as_inputs(monkeypatch, inner):
+    banks = _recording_banks(monkeypatch)
+    example = models.build("mlp")
+    model = example.model.eval()
+    x = example.make_inputs(torch.Generator().manual_seed(0))["x"]
+    compiled = torch.compile(model, backend=dora_fx.DoraBackend(inner=inner))
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
+        (bank,) = banks
+        assert len(bank.specs) == example.dora_layers and bank.refreshes == 1
+        lora_B = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        lora_B.add_(0.5)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert bank.refreshes == 2
+
+
+def test_lifted_inputs_are_named_and_the_op_is_gone():
+    from tests.helpers import RecordingBackend
+
+    example = models.build("mlp")
+    backend = RecordingBackend()
+    compiled = torch.compile(example.model.eval(), backend=backend)
+    with torch.no_grad():
+        compiled(**example.make_inputs(torch.Generator().manual_seed(0)))
+    (gm,) = backend.graphs
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    lifted = [n for n in names if n.startswith(NAME_PREFIX)]
+    assert len(lifted) == example.dora_layers and names[-len(lifted):] == lifted
+    assert torch.ops.dora_fx.cached_weight_norm.default not in [n.target for n in gm.graph.nodes]
