@@ -111,19 +111,32 @@ class NormInputs:
 
 
 class _CapturedNorms:
-    """A CUDA graph of a norm computation, captured after one warm-up run on a side stream."""
+    """A CUDA graph of a norm computation, captured on a stream of its own after one warm-up run there.
+
+    cuBLAS keeps a workspace per stream, and destroying a graph releases the workspaces of the stream
+    it was captured on (pytorch/pytorch#193402): two graphs captured on one stream (``torch.cuda.graph``'s
+    shared default) leave the survivor's replay reading freed memory. So each graph gets its own
+    stream, and the cuBLAS workspaces are cleared around the capture, as Inductor's CUDA graph trees
+    do: the capture's workspace is allocated in this graph's private pool and lives as long as it.
+    """
 
     def __init__(self, key: tuple, compute: Callable[[], list[Tensor]], keep: object):
         self.key = key
         self._inputs = keep  # tensors the graph reads that nothing else may keep alive
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            compute()  # compiles the kernels and sets up cuBLAS outside the capture
-        torch.cuda.current_stream().wait_stream(side)
+        self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            compute()  # compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(self._stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._outputs = compute()
+        torch._C._cuda_clearCublasWorkspaces()
+        try:
+            # thread_local: CUDA calls of other threads (compile workers, data loaders) neither break
+            # this capture nor fail because of it.
+            with torch.cuda.graph(self._graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._outputs = compute()
+        finally:
+            torch._C._cuda_clearCublasWorkspaces()
 
     def replay(self) -> list[Tensor]:
         self._graph.replay()

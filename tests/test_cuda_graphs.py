@@ -86,3 +86,30 @@ def test_reduce_overhead_training_replays_follow_the_optimizer():
     compiled = train(torch.compile(model, backend="dora", mode="reduce-overhead"))
     torch.testing.assert_close(compiled, eager, **TOLERANCE)
     assert len(dora_fx.last_report().rewrites) >= example.dora_layers
+
+
+def test_a_freed_capture_leaves_the_others_replaying():
+    """Regression: graphs captured on one stream share its cuBLAS workspace, and freeing one released
+    it under the others (pytorch/pytorch#193402); then a replay read freed memory and the CUDA context
+    was lost. Each bank's graph now has a stream of its own."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def layer():
+        return [torch.randn(d, device="cuda", generator=g, dtype=torch.bfloat16)
+                for d in ((1024, 512), (64, 512), (1024, 64))]
+
+    spec = LiftedNorm(0, 1, 2, 0.5, False, 1024, torch.float32)
+    first_args, second_args = layer(), layer()
+    first, second = norm_inputs.NormInputs([spec]), norm_inputs.NormInputs([spec])
+    first.norms(first_args)
+    second.norms(second_args)
+    del first
+    import gc
+
+    gc.collect()
+    with torch.no_grad():
+        second_args[2].mul_(1.5)
+    (norm,) = second.norms(second_args)
+    torch.cuda.synchronize()
+    expected = dispatch.call("weight_norm", *second_args, 0.5, False)
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
