@@ -4,8 +4,11 @@
     Row norms of ``W + s·B·A`` from the factored form, float32, ``[d_out]``. No gradient: PEFT
     detaches the norm.
 ``dora_fx::cached_weight_norm``
-    The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`); the rewrite uses it
-    in graphs that compute no gradients (inference), where the norm is a constant.
+    The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`). The rewrite emits it
+    for every region (detached where the graph computes gradients); the backend then makes each one
+    over graph inputs an input of the compiled graph (:mod:`dora_fx.passes.lift_norms`,
+    :mod:`dora_fx.norm_inputs`), so it stays an op only inside higher-order-op bodies and where the
+    scaling is symbolic.
 ``dora_fx::weight_norm_4bit``, ``dora_fx::weight_norm_int8``
     The same norm over a bitsandbytes 4-bit (NF4/FP4) or 8-bit base weight, read in bounded blocks
     of dequantized rows (:mod:`dora_fx.quantized`); never a dense ``[d_out, d_in]`` weight. With
@@ -34,8 +37,8 @@ the reference math of :mod:`dora_fx.kernels.reference` elsewhere. ``weight_norm`
 and ``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them. For
 the compose ops it traces the reference math (``dispatch.TRACED_AS_REFERENCE``), which Inductor fuses
 with the neighbouring ops; ``weight_norm`` traced on CUDA leaves its kernel in Inductor's generated
-code. ``cached_weight_norm`` and ``zero_magnitude_grad`` stay ops of their own in compiled graphs
-(a cache lookup; a data-dependent amount of work).
+code. ``cached_weight_norm`` (where it is not made a graph input) and ``zero_magnitude_grad`` stay
+ops of their own in compiled graphs (a cache lookup; a data-dependent amount of work).
 Each op validates its inputs, in eager calls and when traced with fake tensors, so a bad call fails
 with a message naming the problem.
 """
