@@ -20,10 +20,7 @@ import dora_fx
 from dora_fx import models
 from tests.helpers import differentiable_inputs, fresh, step, zero_grads
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 

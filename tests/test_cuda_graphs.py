@@ -12,10 +12,7 @@ from dora_fx import models, norm_inputs
 from dora_fx.kernels import dispatch
 from dora_fx.passes.lift_norms import LiftedNorm
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 

@@ -14,7 +14,6 @@ from tests.helpers import differentiable_inputs, fresh, relative_error, step, ze
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     # A kernel that falls back to the reference math warns (once per process): an error here, from
     # compilation on. tests/conftest.py also fails a cuda test on any fallback, warned or not.
     pytest.mark.filterwarnings("error:dora_fx:RuntimeWarning"),

@@ -243,11 +243,9 @@ def test_torchao_int8_weight_only_is_rewritten_on_its_dequantized_weight():
 
 # ---- CUDA: the same checks at real sizes (bf16) ------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("base", ["nf4", "nf4-dq", "fp4", "int8"])
 def test_cuda_layer_matches_eager_peft_bf16(base):
     """One 4096 x 4096 DoRA layer (r = 64), bf16: dora_fx's output and gradients are within 2x of
@@ -282,7 +280,6 @@ def test_cuda_layer_matches_eager_peft_bf16(base):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_norm_transient_memory_for_a_4096_x_14336_nf4_layer():
     """The issue's bound: one 4096 x 14336 NF4 layer at r = 384 needs < 64 MiB of transient memory
     for the norm (PEFT's dense path: a 112 MiB bf16 weight plus a dense B·A)."""

@@ -70,7 +70,6 @@ def test_frozen_magnitude_keeps_no_output_sized_tensor():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bias, dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])
 def test_cuda_inductor_keeps_one_output_sized_tensor_per_layer(bias, dropout):
     """On CUDA, with Inductor: the Triton kernels are opaque to its partitioner, so what it keeps for

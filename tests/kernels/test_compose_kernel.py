@@ -14,7 +14,6 @@ import torch
 
 from dora_fx.kernels import compose, reference
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The small-shape tests run under Triton's interpreter on the CPU, and on the GPU where there is one.
 SMALL_SHAPE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -182,7 +181,6 @@ def test_float64_follows_reference():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize(
     "shape, has_base, has_bias, dtype",
     [
@@ -201,7 +199,6 @@ def test_cuda_full_sizes(shape, has_base, has_bias, dtype):
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("traced_as_reference", [True, False])
 def test_cuda_op_in_torch_compile(traced_as_reference, monkeypatch):
     """By default torch.compile traces the compose ops' PyTorch math, which Inductor fuses (no dora_fx
