@@ -18,7 +18,7 @@ from torch import nn
 import _common as C
 
 import dora_fx
-from dora_fx.models import dora_config, randomize_adapters
+from dora_fx.examples.models import dora_config, randomize_adapters
 
 TARGET = 1.15
 

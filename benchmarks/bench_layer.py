@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx.models import dora_config, randomize_adapters
+from dora_fx.examples.models import dora_config, randomize_adapters
 
 TARGETS = {  # (mode, d, r, tokens): (min speedup vs eager, min speedup vs inductor)
     ("fwd", 8192, 384, 4096): (1.8, 1.15),

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx.models import LLAMA_TARGETS, dora_config, randomize_adapters
+from dora_fx.examples.models import LLAMA_TARGETS, dora_config, randomize_adapters
 
 TARGET_RANK = 384
 # Issue #13's targets: (label, mode, contender, key, reference contender, at most: a ratio, or {tokens: ratio},

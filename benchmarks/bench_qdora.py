@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx import models, quantized
-from dora_fx.models import LLAMA_TARGETS
+from dora_fx import quantized
+from dora_fx.examples import models
+from dora_fx.examples.models import LLAMA_TARGETS
 
 PEAK_MEMORY_TARGET = 0.70  # dora_fx fwd+bwd peak over PEFT eager's, at most
 SPEEDUP_TARGET = 1.5  # fwd+bwd, PEFT eager time over dora_fx's, at least

@@ -19,7 +19,7 @@ import _common as C  # noqa: F401  (puts the checkout on sys.path)
 
 import dora_fx
 from dora_fx import norm_cache
-from dora_fx.models import dora_config, randomize_adapters
+from dora_fx.examples.models import dora_config, randomize_adapters
 
 
 def _layer(d: int, r: int, dtype: torch.dtype, device: str):

@@ -13,7 +13,8 @@ import pathlib
 
 import torch
 
-from dora_fx import demo, models, saved
+from dora_fx import saved
+from dora_fx.examples import demo, models
 from dora_fx.audit import audit
 
 _EXAMPLE_DEFAULTS = {"rank": 8, "layers": 2, "dropout": 0.0}

@@ -33,7 +33,8 @@ def _state(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
 
 
-def _capturing(tensor: torch.Tensor) -> bool:
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor``'s device is being captured into a CUDA graph now."""
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -48,7 +49,7 @@ class VersionedCache:
         """The value kept for ``tensors`` and ``extra``, or ``None``: a dict lookup, identity checks and
         integer comparisons."""
         entry = self._entries.get((*map(id, tensors), extra))
-        if entry is None or _capturing(tensors[0]):
+        if entry is None or capturing(tensors[0]):
             return None
         refs, state, value = entry
         if any(ref() is not t for ref, t in zip(refs, tensors)) or state != _state(tensors):
@@ -58,7 +59,7 @@ class VersionedCache:
     def put(self, tensors: tuple[torch.Tensor, ...], extra: Hashable, value) -> None:
         """Keep ``value`` for ``tensors`` and ``extra``, where allowed (not for inference tensors, not
         during CUDA graph capture)."""
-        if any(t.is_inference() for t in tensors) or _capturing(tensors[0]):
+        if any(t.is_inference() for t in tensors) or capturing(tensors[0]):
             return
         watch_optimizer_steps()
         if len(self._entries) >= _MAX_ENTRIES_BEFORE_PRUNING:

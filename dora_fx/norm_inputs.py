@@ -62,7 +62,7 @@ class NormInputs:
         state = _state(tensors)
         if state is None or state != self._state:
             self._refresh(args, tensors)
-            self._state = None if _capturing(tensors) else state
+            self._state = None if norm_cache.capturing(tensors[0]) else state
         return self._buffers
 
     def _refresh(self, args: Sequence, tensors: list[Tensor]) -> None:
@@ -91,7 +91,7 @@ class NormInputs:
         return (
             not self._capture_failed
             and all(t.is_cuda for t in tensors)
-            and not _capturing(tensors)
+            and not norm_cache.capturing(tensors[0])
             and dispatch.triton_available()
             and not launch.interpreting()
         )
@@ -150,10 +150,6 @@ def _state(tensors: list[Tensor]) -> tuple | None:
         return (norm_cache.epoch(), *map(id, tensors), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
     except RuntimeError:
         return None
-
-
-def _capturing(tensors: list[Tensor]) -> bool:
-    return tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def with_norm_inputs(compiled: Callable, specs: Sequence[LiftedNorm]) -> Callable:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fx import norm_cache, quantized
+from dora_fx import dtypes, norm_cache, quantized
 from dora_fx.kernels import dispatch, reference
 
 Tensor = torch.Tensor
@@ -143,7 +143,7 @@ _lib.impl("cached_weight_norm", cached_weight_norm, "CompositeExplicitAutograd")
 @torch.library.register_fake("dora_fx::cached_weight_norm", lib=_lib)
 def _cached_weight_norm_fake(weight, lora_A, lora_B, scaling, fan_in_fan_out):
     d_out, _ = _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
-    return weight.new_empty((d_out,), dtype=reference.norm_dtype(weight, lora_A, lora_B))
+    return weight.new_empty((d_out,), dtype=dtypes.norm_dtype(weight, lora_A, lora_B))
 
 
 @torch.library.custom_op("dora_fx::weight_norm_4bit", mutates_args=())
@@ -295,7 +295,7 @@ def _compose_backward(ctx, grad_out):
     magnitude, norm, main, bias, lora = ctx.saved_tensors
     adapted = None
     if lora is not None:
-        dtype = reference.compose_dtype(main, None, lora, magnitude)
+        dtype = dtypes.compose_dtype(main, None, lora, magnitude)
         adapted = reference.adapted(main, None, bias, lora, ctx.scaling, dtype)
     return _input_gradients(ctx, grad_out, adapted, magnitude, norm)
 

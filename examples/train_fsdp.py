@@ -5,7 +5,7 @@
     python examples/train_fsdp.py --reference --steps 20          # one process, eager PEFT, full batch
     torchrun --nproc_per_node 2 examples/train_fsdp.py --device cuda --mode fsdp2 --steps 50 --out fsdp2.json
 
-Every rank builds the same model (``dora_fx.models.build("llama", ...)`` from ``--seed``), wraps it
+Every rank builds the same model (``dora_fx.examples.models.build("llama", ...)`` from ``--seed``), wraps it
 with FSDP2 (``fully_shard`` on each decoder layer, then on the root) or DDP, compiles it with
 ``torch.compile(model, backend=...)`` and takes ``--steps`` AdamW steps on a causal-LM loss over
 random token ids. Step ``k`` uses global batch ``k mod --batches`` (``--batch`` rows of ``--seq``
@@ -42,7 +42,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout's dora_fx first
 
 import dora_fx
-from dora_fx.models import build
+from dora_fx.examples.models import build
 
 DEFAULTS = {
     "cpu": dict(dtype="float32", hidden=32, layers=2, rank=4, batch=4, seq=16, lr=1e-2),

@@ -4,7 +4,7 @@
     python examples/train_parity.py --inner inductor       # the same, dora_fx over Inductor
     python examples/train_parity.py --device cuda --compare-inductor --out parity.json
 
-Both runs start from the same weights (a deep copy of one ``dora_fx.models.build("llama", ...)``
+Both runs start from the same weights (a deep copy of one ``dora_fx.examples.models.build("llama", ...)``
 model, LoRA ``B`` non-zero), see the same batches (random token ids from a fixed seed, cycled, with
 the causal-LM loss on the ids themselves) and take ``--steps`` AdamW steps, dropout 0. Prints the
 mean and the largest per-step difference of the losses. ``--compare-inductor`` also trains plain
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout's dora_fx first
 
 import dora_fx
-from dora_fx.models import build
+from dora_fx.examples.models import build
 
 DEFAULTS = {
     "cpu": dict(dtype="float32", inner="aot_eager", hidden=32, layers=2, rank=4, batch=4, seq=32, lr=1e-2),

@@ -16,12 +16,9 @@ import dora_fx  # noqa: E402  (after the interpreter switch)
 from dora_fx.kernels import dispatch  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` are skipped where there is no CUDA device: the one place that says so."""
+    """Tests marked ``cuda`` (registered in pyproject.toml) are skipped where there is no CUDA device:
+    the one place that says so."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 import dora_fx
-from dora_fx.models import Example
+from dora_fx.examples.models import Example
 
 
 def differentiable_inputs(example: Example, gen: torch.Generator) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from dora_fx.__main__ import main
 from dora_fx.audit import audit
 from tests.helpers import differentiable_inputs

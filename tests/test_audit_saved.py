@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from dora_fx import models, saved
+from dora_fx import saved
+from dora_fx.examples import models
 from dora_fx.__main__ import main
 
 LAYERS = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from tests.helpers import assert_close_all, differentiable_inputs, fresh, step, zero_grads
 
 

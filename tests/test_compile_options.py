@@ -10,7 +10,7 @@ from torch._inductor import list_mode_options
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 
 
 @pytest.fixture

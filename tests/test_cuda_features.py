@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from tests.helpers import differentiable_inputs, fresh, step, zero_grads
 
 pytestmark = pytest.mark.cuda

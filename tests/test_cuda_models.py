@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models, norm_cache
+from dora_fx import norm_cache
+from dora_fx.examples import models
 from dora_fx.kernels import dispatch
 from tests.helpers import differentiable_inputs, fresh, relative_error, step, zero_grads
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from dora_fx.audit import dora_layers
 
 VOCAB, TOKENS, ROWS = 128, 12, 4

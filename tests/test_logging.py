@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 
 
 class _Deep(nn.Module):

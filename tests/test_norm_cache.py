@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models, norm_cache
+from dora_fx import norm_cache
+from dora_fx.examples import models
 from dora_fx.kernels import reference
 from tests import single_layer as sl
 

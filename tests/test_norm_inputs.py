@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dora_fx
-from dora_fx import models, norm_inputs
+from dora_fx import norm_inputs
+from dora_fx.examples import models
 from dora_fx.kernels import reference
 from dora_fx.passes.lift_norms import NAME_PREFIX, LiftedNorm
 

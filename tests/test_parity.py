@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from dora_fx import models
+from dora_fx.examples import models
 from dora_fx.passes import lift_norms
 from tests.helpers import RecordingBackend, assert_close_all, differentiable_inputs, fresh, relative_error, step, zero_grads
 

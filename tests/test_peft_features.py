@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from tests.helpers import RecordingBackend
 
 

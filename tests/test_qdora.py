@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dora_fx import models, quantized
+from dora_fx import quantized
+from dora_fx.examples import models
 from dora_fx.kernels import reference
 from tests.helpers import RecordingBackend, assert_close_all, differentiable_inputs, fresh, relative_error, step
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def norm_dtype(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.dtype:
-    """dtype of the factored norm: float32, or float64 when any input is float64."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    return torch.promote_types(dtype, torch.promote_types(lora_A.dtype, lora_B.dtype))
+from dora_fx.dtypes import compose_dtype, norm_dtype  # noqa: F401  (the kernels' callers use them from here too)
 
 
 def mm_to_float32_in_place(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -100,16 +96,6 @@ def _dense_fallback(
     rows = score.topk(min(DENSE_FALLBACK_ROWS, score.shape[0])).indices
     dense = (w_rows[rows] + scaling * (b[rows] @ a)).square().sum(dim=1)
     return squared.scatter(0, rows, torch.where(flagged[rows], dense, squared[rows]))
-
-
-def compose_dtype(
-    result: torch.Tensor, base: torch.Tensor | None, lora: torch.Tensor, magnitude: torch.Tensor
-) -> torch.dtype:
-    """dtype of the composed output: PEFT's type promotion of the tensors it combines (norm excluded)."""
-    dtype = torch.promote_types(result.dtype, lora.dtype)
-    if base is not None:
-        dtype = torch.promote_types(dtype, base.dtype)
-    return torch.promote_types(dtype, magnitude.dtype)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

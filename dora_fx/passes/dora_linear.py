@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
-from dora_fx.kernels import reference
+from dora_fx import dtypes
 from dora_fx.passes import graph_view as gv
 from dora_fx.passes import qdora
 from dora_fx.report import NearMiss, Rewrite, module_class, module_path
@@ -346,7 +346,7 @@ def _norm_value(region: Region, dtype: torch.dtype | None = None) -> torch.Tenso
     (running the op under fake mode would trace its autograd and reference math, ~5 ms a region)."""
     weight, lora_A, lora_B = (gv.value(n) for n in (region.weight, region.nodes["A"], region.nodes["B"]))
     with weight.fake_mode:
-        return weight.new_empty((region.d_out,), dtype=dtype or reference.norm_dtype(weight, lora_A, lora_B))
+        return weight.new_empty((region.d_out,), dtype=dtype or dtypes.norm_dtype(weight, lora_A, lora_B))
 
 
 def _compose_value(region: Region) -> torch.Tensor:
@@ -354,7 +354,7 @@ def _compose_value(region: Region) -> torch.Tensor:
     result, lora, magnitude = (gv.value(region.nodes[k]) for k in ("result", "lora", "m"))
     base = None if region.base is None else gv.value(region.base)
     with result.fake_mode:
-        return torch.empty_like(result, dtype=reference.compose_dtype(result, base, lora, magnitude))
+        return torch.empty_like(result, dtype=dtypes.compose_dtype(result, base, lora, magnitude))
 
 
 def _region_nodes(region: Region) -> set[fx.Node]:
@@ -466,7 +466,7 @@ def _compose_dtype_matches(region: Region) -> bool:
     want = gv.value(nodes["out"]).dtype
     vals = [gv.value(nodes[k]) for k in ("result", "lora", "m")]
     base = gv.value(region.base) if region.base is not None else None
-    return reference.compose_dtype(vals[0], base, vals[1], vals[2]) == want
+    return dtypes.compose_dtype(vals[0], base, vals[1], vals[2]) == want
 
 
 def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:

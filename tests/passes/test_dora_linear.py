@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 from tests.helpers import RecordingBackend
 
 

@@ -1,7 +1,7 @@
 """The dora_fx demo: compile a PEFT DoRA model with the dora backend, print the audit report, and
 compare outputs and timings with eager PEFT.
 
-    python -m dora_fx.demo            # a tiny Llama on the CPU; a larger bf16 one when a GPU is present
+    python -m dora_fx demo     # a tiny Llama on the CPU; a larger bf16 one when a GPU is present
 
 Timings are medians of a few steps after warm-up; on the CPU they show that the rewrite works, not
 how fast it is (the numbers that matter are GPU numbers: see benchmarks/README.md).
@@ -16,7 +16,7 @@ import time
 import torch
 
 import dora_fx
-from dora_fx import models
+from dora_fx.examples import models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dora_fx.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dora_fx.examples.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     run(parser.parse_args(argv))
