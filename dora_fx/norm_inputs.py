@@ -20,6 +20,7 @@ the captured work). Where capture fails the norms are computed eagerly, reported
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from dora_fx.passes.lift_norms import LiftedNorm
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
+_version = operator.attrgetter("_version")
 
 
 def example_norms(specs: Sequence[LiftedNorm], example_inputs: Sequence) -> list[Tensor]:
@@ -147,7 +149,7 @@ def _state(tensors: list[Tensor]) -> tuple | None:
     """What must stay equal for the norms to stay valid, or ``None`` where there is no such thing
     (inference tensors have no version counter)."""
     try:
-        return (norm_cache.epoch(), *map(id, tensors), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+        return (norm_cache.epoch(), *map(id, tensors), *map(_version, tensors), *map(Tensor.data_ptr, tensors))
     except RuntimeError:
         return None
 
