@@ -144,7 +144,6 @@ def bench_norm(d, r):
         "eager_factored": lambda: eager_factored_norm(weight, lora_A, lora_B, SCALING),
         "dora_fx": lambda: norm_k.weight_norm(weight, lora_A, lora_B, SCALING, False),
         "dora_fx_w2_kept": lambda: norm_k.weight_norm(weight, lora_A, lora_B, SCALING, False, squares),
-        "dora_fx_fused": lambda: norm_k.fused_weight_norm(weight, lora_A, lora_B, SCALING, False),
         "dora_fx_1_cancel": lambda: norm_k.weight_norm(cancelled, lora_A, lora_B, SCALING, False),
         "gemm_W_At": lambda: weight @ lora_A.T,
     }

@@ -10,11 +10,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 start=$(date +%s)
 timeout ${TEST_TIMEOUT:-180} python3 -m pytest tests/kernels -m cuda -q -rs 2>&1 --tb=short | tee "$OUT/pytest_cuda.log" | tail -n 25
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
-if [ -n "$DIAG" ]; then
-  start=$(date +%s)
-  timeout ${DIAG_TIMEOUT:-150} python3 benchmarks/diag_norm.py --out "$OUT/diag_norm.json" 2>&1 | tee "$OUT/diag.log"
-  echo "diag rc=$? in $(( $(date +%s) - start )) s"
-fi
 start=$(date +%s)
 timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py "$@" --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{"op": "norm", ' 
 echo "bench rc=$? in $(( $(date +%s) - start )) s"

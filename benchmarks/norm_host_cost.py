@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import dora_fx  # noqa: E402,F401  (registers the ops)
-from dora_fx.kernels import dispatch, norm, reference  # noqa: E402
+from dora_fx.kernels import dispatch, reference  # noqa: E402
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
           "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=384)
     parser.add_argument("--calls", type=int, default=4,
                         help="calls per measurement (few: the launches must fit in CUDA's queue)")
-    parser.add_argument("--kernels", action="store_true", help="also print the GPU kernels of the two norms")
+    parser.add_argument("--kernels", action="store_true", help="also print the GPU kernels of the GEMM-path norm")
     parser.add_argument("--cprofile", action="store_true", help="also print the host profile of the GEMM-path norm")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -83,7 +83,6 @@ def main() -> None:
         "mm bf16 W·Aᵀ": lambda w, a, b, sq: w @ a.T,
         "mm.dtype W·Aᵀ (fp32 out)": lambda w, a, b, sq: reference.matmul_float32(w, a.T),
         "GEMM-path norm (W² given)": lambda w, a, b, sq: dispatch.call("weight_norm", w, a, b, s, False, sq),
-        "fused one-pass norm": lambda w, a, b, sq: norm.fused_weight_norm(w, a, b, s, False),
         "cached_weight_norm op, hit": lambda w, a, b, sq: torch.ops.dora_fx.cached_weight_norm(w, a, b, s, False),
     }
     rows = []
@@ -107,16 +106,16 @@ def main() -> None:
     if args.kernels:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("GEMM-path norm (W² given)", "fused one-pass norm"):
-            fn = over_layer(pieces[name])
-            fn()
+        name = "GEMM-path norm (W² given)"
+        fn = over_layer(pieces[name])
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                fn()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.calls):
-                    fn()
-                torch.cuda.synchronize()
-            print(f"GPU kernels of {name}, {args.calls} calls over the 7 shapes:")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(f"GPU kernels of {name}, {args.calls} calls over the 7 shapes:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
     def refresh(ws, as_, bs, sqs):
         return [reference.weight_norm(w, a, b, s, False, sq) for w, a, b, sq in zip(ws, as_, bs, sqs)]
