@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dora_fx.ops  # noqa: F401
+from dora_fx import dtypes
 from dora_fx.kernels import reference
 
 
@@ -108,7 +109,7 @@ def test_compose_promotes_like_peft():
     magnitude = torch.rand(6) + 1
     out = torch.ops.dora_fx.compose(result, None, None, result.clone(), magnitude, torch.rand(6) + 1, 2.0)
     assert out.dtype == torch.float32  # bf16 activations with a float32 magnitude: PEFT returns float32
-    assert reference.compose_dtype(result, None, result, magnitude.bfloat16()) == torch.bfloat16
+    assert dtypes.compose_dtype(result, None, result, magnitude.bfloat16()) == torch.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_fx import dtypes
 from dora_fx.kernels import launch, reference
 from dora_fx.kernels.launch import launchable, num_sms
 from dora_fx.kernels.reductions import column_sums, mma
@@ -220,7 +221,7 @@ def _launch_compose(result, base, bias, lora, magnitude, norm, scaling, config, 
     """``(out, adapted or None)``: one launch of ``_compose_kernel``."""
     n_cols = result.shape[-1]
     n_rows = result.numel() // n_cols if n_cols else 0
-    dtype = reference.compose_dtype(result, base, lora, magnitude)
+    dtype = dtypes.compose_dtype(result, base, lora, magnitude)
     out, out2 = _output_like(result, dtype, n_rows, n_cols)
     adapted, adapted2 = _output_like(result, dtype, n_rows, n_cols) if emit_adapted else (None, None)
     if out.numel() == 0:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_fx import dtypes
 from dora_fx.kernels import launch, reference
 from dora_fx.kernels.launch import launchable
 from dora_fx.kernels.reductions import mma
@@ -200,7 +201,7 @@ def weight_norm(
     ``dense_fallback=False`` (tests only) keeps the factored value of cancelled rows. float64 inputs
     and empty shapes go to the reference math.
     """
-    if reference.norm_dtype(weight, lora_A, lora_B) != torch.float32:
+    if dtypes.norm_dtype(weight, lora_A, lora_B) != torch.float32:
         return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
     w_rows = weight.T if fan_in_fan_out else weight  # [d_out, d_in], a view
     (d_out, d_in), r = w_rows.shape, lora_A.shape[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_fx.dtypes import compose_dtype, norm_dtype  # noqa: F401  (the kernels' callers use them from here too)
+from dora_fx.dtypes import compose_dtype, norm_dtype
 
 
 def mm_to_float32_in_place(x: torch.Tensor, y: torch.Tensor) -> bool:
