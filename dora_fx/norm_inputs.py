@@ -67,6 +67,14 @@ class NormInputs:
             self._state = None if norm_cache.capturing(tensors[0]) else state
         return self._buffers
 
+    def traced_norms(self, args: Sequence) -> list[Tensor]:
+        """The norms as ``dora_fx::weight_norm`` calls, for inputs that are traced rather than real
+        (fake tensors, a tracer): nothing is kept."""
+        return [
+            torch.ops.dora_fx.weight_norm(args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out)
+            for s in self.specs
+        ]
+
     def _refresh(self, args: Sequence, tensors: list[Tensor]) -> None:
         self.refreshes += 1
         with torch.no_grad():
@@ -159,6 +167,8 @@ def with_norm_inputs(compiled: Callable, specs: Sequence[LiftedNorm]) -> Callabl
     inputs = NormInputs(specs)
 
     def call_with_norms(*args):
+        if not launch.runs_now(args[specs[0].weight]):  # fake tensors (DDPOptimizer's propagation), tracing
+            return compiled(*args, *inputs.traced_norms(args))
         return compiled(*args, *inputs.norms(args))
 
     call_with_norms.norm_inputs = inputs

@@ -116,25 +116,30 @@ class _RecordingPass(CustomGraphPass):
 
     def __init__(self):
         self.targets: list[set[str]] = []
+        self.inputs: list[int] = []
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.targets.append({str(node.target) for node in graph.nodes if node.op == "call_function"})
+        self.inputs.append(len(graph.find_nodes(op="placeholder")))
 
     def uuid(self) -> str:
         return "dora_fx-tests-recording-pass"
 
 
 def test_options_reach_real_inductor_with_the_rewritten_graph():
-    """Inductor itself (no spy) runs a post-grad pass passed through ``options``, on a graph that
-    holds the dora_fx ops, and the compiled model gives eager PEFT's output."""
+    """Inductor itself (no spy) runs a post-grad pass passed through ``options``, on the rewritten
+    graph (each layer's norm one more input of it, no dense product), and the compiled model gives
+    eager PEFT's output."""
     model, inputs = _eval_mlp()
-    recorder = _RecordingPass()
+    recorder, plain = _RecordingPass(), _RecordingPass()
     with torch.no_grad():
         expected = model(**inputs)
         # fx_graph_cache off: a cache hit would skip Inductor's passes, the recorder's included
         options = {"post_grad_custom_post_pass": recorder, "fx_graph_cache": False}
         out = torch.compile(model, backend="dora", options=options)(**inputs)
+        torch._dynamo.reset()
+        torch.compile(model, backend="inductor", options={**options, "post_grad_custom_post_pass": plain})(**inputs)
     assert len(recorder.targets) == 1
-    assert any(target.startswith("dora_fx.") for target in recorder.targets[0]), recorder.targets[0]
+    assert recorder.inputs[0] == plain.inputs[0] + models.build("mlp").dora_layers
     assert not any("eye" in target or "iota" in target for target in recorder.targets[0])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -139,3 +139,16 @@ def test_lifted_inputs_are_named_and_the_op_is_gone():
     lifted = [n for n in names if n.startswith(NAME_PREFIX)]
     assert len(lifted) == example.dora_layers and names[-len(lifted):] == lifted
     assert torch.ops.dora_fx.cached_weight_norm.default not in [n.target for n in gm.graph.nodes]
+
+
+def test_fake_inputs_get_traced_norms_and_nothing_is_kept():
+    """DDPOptimizer runs compiled pieces on fake tensors: no data pointer to read, nothing to keep."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = LiftedNorm(weight=1, lora_A=2, lora_B=3, scaling=0.5, fan_in_fan_out=False, d_out=12, dtype=torch.float32)
+    wrapped = norm_inputs.with_norm_inputs(lambda *args: args[-1], [spec])
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) for t in _layer()]
+        norm = wrapped(*args)
+    assert tuple(norm.shape) == (12,) and norm.dtype == torch.float32
+    assert wrapped.norm_inputs.refreshes == 0 and wrapped.norm_inputs._buffers is None
