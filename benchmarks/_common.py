@@ -54,6 +54,22 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
             "dora_fx_cached": compiled}
 
 
+def peft_linears(layers: int, d: int, r: int, use_dora: bool, device: str) -> torch.nn.Module:
+    """``layers`` bias-free ``d x d`` Linears in a Sequential with PEFT DoRA (or, ``use_dora=False``,
+    plain LoRA) of rank ``r`` on each, random non-zero adapters (seeded), bf16, in eval mode."""
+    from peft import get_peft_model
+
+    from dora_fx.examples.models import dora_config, randomize_adapters
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        config = dora_config([str(i) for i in range(layers)], r, dropout=0.0)
+        config.use_dora = use_dora
+        model = get_peft_model(torch.nn.Sequential(*(torch.nn.Linear(d, d, bias=False) for _ in range(layers))), config)
+    randomize_adapters(model, torch.Generator().manual_seed(1))
+    return model.to(torch.bfloat16).eval()
+
+
 def lora_contenders(model: torch.nn.Module) -> dict[str, Callable]:
     """The plain-LoRA contenders on ``model`` (a PEFT model with ``use_dora=False``): eager and Inductor."""
     return {"lora_eager": model, "lora_inductor": torch.compile(model, backend="inductor")}

@@ -13,26 +13,12 @@ import argparse
 import pathlib
 
 import torch
-from torch import nn
 
 import _common as C
 
 import dora_fx
-from dora_fx.examples.models import dora_config, randomize_adapters
 
 TARGET = 1.15
-
-
-def _layer(d: int, r: int, use_dora: bool, device: str) -> nn.Module:
-    from peft import get_peft_model
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        config = dora_config(["0"], r, dropout=0.0)
-        config.use_dora = use_dora
-        model = get_peft_model(nn.Sequential(nn.Linear(d, d, bias=False)), config)
-    randomize_adapters(model, torch.Generator().manual_seed(1))
-    return model.to(torch.bfloat16).eval()
 
 
 def main() -> None:
@@ -45,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     x = torch.randn(1, args.tokens, args.d, device=device, dtype=torch.bfloat16)
-    dora, lora = _layer(args.d, args.r, True, "cuda"), _layer(args.d, args.r, False, "cuda")
+    dora, lora = C.peft_linears(1, args.d, args.r, True, "cuda"), C.peft_linears(1, args.d, args.r, False, "cuda")
     contenders = {
         "dora eager": dora,
         "dora + inductor": torch.compile(dora, backend="inductor"),

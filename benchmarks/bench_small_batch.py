@@ -20,21 +20,8 @@ from torch import nn
 import _common as C
 
 import dora_fx  # noqa: F401  (registers the "dora" backend)
-from dora_fx.examples.models import dora_config, randomize_adapters
 
 TARGET = 1.3
-
-
-def _layers(d: int, r: int, use_dora: bool) -> nn.Module:
-    from peft import get_peft_model
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        config = dora_config(["0", "1"], r, dropout=0.0)
-        config.use_dora = use_dora
-        model = get_peft_model(nn.Sequential(nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)), config)
-    randomize_adapters(model, torch.Generator().manual_seed(1))
-    return model.to(torch.bfloat16).eval()
 
 
 def _after_update_error(fn, model: nn.Module, x: torch.Tensor) -> float:
@@ -59,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     x = torch.randn(1, args.tokens, args.d, device=device, dtype=torch.bfloat16)
-    dora, lora = _layers(args.d, args.r, True), _layers(args.d, args.r, False)
+    dora, lora = C.peft_linears(2, args.d, args.r, True, "cuda"), C.peft_linears(2, args.d, args.r, False, "cuda")
     contenders = {"PEFT DoRA eager": (dora, False)}
     for mode in ("reduce-overhead", "default"):
         graphs = " + CUDA graphs" if mode == "reduce-overhead" else ""

@@ -20,8 +20,9 @@ CUDA graph capture are never kept.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -29,8 +30,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _MAX_ENTRIES_BEFORE_PRUNING = 4096
 
 
-def _state(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
+_version = operator.attrgetter("_version")
+
+
+def state(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The version counters and storages of ``tensors``: equal while none was written or rebound
+    through autograd-visible ops (raises ``RuntimeError`` for inference tensors, which have none)."""
+    return (*map(_version, tensors), *map(torch.Tensor.data_ptr, tensors))
 
 
 def capturing(tensor: torch.Tensor) -> bool:
@@ -51,8 +57,8 @@ class VersionedCache:
         entry = self._entries.get((*map(id, tensors), extra))
         if entry is None or capturing(tensors[0]):
             return None
-        refs, state, value = entry
-        if any(ref() is not t for ref, t in zip(refs, tensors)) or state != _state(tensors):
+        refs, kept_state, value = entry
+        if any(ref() is not t for ref, t in zip(refs, tensors)) or kept_state != state(tensors):
             return None
         return value
 
@@ -65,7 +71,7 @@ class VersionedCache:
         if len(self._entries) >= _MAX_ENTRIES_BEFORE_PRUNING:
             for stale in [k for k, (refs, _, _) in self._entries.items() if any(r() is None for r in refs)]:
                 del self._entries[stale]
-        self._entries[(*map(id, tensors), extra)] = (tuple(map(weakref.ref, tensors)), _state(tensors), value)
+        self._entries[(*map(id, tensors), extra)] = (tuple(map(weakref.ref, tensors)), state(tensors), value)
 
     def get_or_compute(self, tensors: tuple[torch.Tensor, ...], extra: Hashable, compute: Callable[[], object]):
         value = self.get(tensors, extra)

@@ -19,26 +19,25 @@ the captured work). Where capture fails the norms are computed eagerly, reported
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
 
-from dora_fx import norm_cache
+from dora_fx import norm_cache, ops
 from dora_fx.kernels import dispatch, launch
 from dora_fx.passes.lift_norms import LiftedNorm
 
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-_version = operator.attrgetter("_version")
 
 
 def example_norms(specs: Sequence[LiftedNorm], example_inputs: Sequence) -> list[Tensor]:
     """Example values of the lifted norms for the compiler, of the kind ``example_inputs`` are (fake or real)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    with fake_mode if fake_mode is not None else torch.no_grad():
+    with fake_mode or contextlib.nullcontext():
         return [
             torch.zeros(spec.d_out, dtype=spec.dtype, device=example_inputs[spec.weight].device) for spec in specs
         ]
@@ -63,7 +62,7 @@ class NormInputs:
         tensors = [args[i] for i in self._positions]
         state = _state(tensors)
         if state is None or state != self._state:
-            self._refresh(args, tensors)
+            self._refresh(args, tensors, versioned=state is not None)
             self._state = None if norm_cache.capturing(tensors[0]) else state
         return self._buffers
 
@@ -75,10 +74,11 @@ class NormInputs:
             for s in self.specs
         ]
 
-    def _refresh(self, args: Sequence, tensors: list[Tensor]) -> None:
+    def _refresh(self, args: Sequence, tensors: list[Tensor], versioned: bool) -> None:
         self.refreshes += 1
         with torch.no_grad():
-            values = self._compute_on_cuda_graph(args, tensors) if self._use_cuda_graph(tensors) else None
+            use_graph = versioned and self._use_cuda_graph(tensors)  # the graph's key reads versions
+            values = self._compute_on_cuda_graph(args, tensors) if use_graph else None
             if values is None:
                 values = self._compute(args)
             if self._buffers is None:
@@ -87,10 +87,9 @@ class NormInputs:
                 torch._foreach_copy_(self._buffers, values)
 
     def _compute(self, args: Sequence, squares: list[Tensor] | None = None) -> list[Tensor]:
-        if squares is None:
-            squares = self._row_squares(args)
+        squares = squares or [None] * len(self.specs)
         return [
-            dispatch.call("weight_norm", args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out, sq)
+            ops.recomputed_weight_norm(args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out, sq)
             for s, sq in zip(self.specs, squares)
         ]
 
@@ -157,7 +156,7 @@ def _state(tensors: list[Tensor]) -> tuple | None:
     """What must stay equal for the norms to stay valid, or ``None`` where there is no such thing
     (inference tensors have no version counter)."""
     try:
-        return (norm_cache.epoch(), *map(id, tensors), *map(_version, tensors), *map(Tensor.data_ptr, tensors))
+        return (norm_cache.epoch(), *map(id, tensors), *norm_cache.state(tensors))
     except RuntimeError:
         return None
 

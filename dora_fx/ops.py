@@ -126,14 +126,24 @@ _lib.define(
 )
 
 
+def recomputed_weight_norm(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool,
+    row_squares: Tensor | None = None,
+) -> Tensor:
+    """The norm of a reuse that missed: computed now, without gradient, from the frozen ``W``'s kept
+    ``||W||²`` (``row_squares``, or :func:`dora_fx.norm_cache.row_squares`)."""
+    with torch.no_grad():
+        if row_squares is None:
+            row_squares = norm_cache.row_squares(weight, fan_in_fan_out)
+        return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out, row_squares)
+
+
 def cached_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
     hit = norm_cache.lookup(weight, lora_A, lora_B, scaling, fan_in_fan_out)
     if hit is not None:
         return hit
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
-    with torch.no_grad():
-        squares = norm_cache.row_squares(weight, fan_in_fan_out)
-        norm = dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out, squares)
+    norm = recomputed_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
     return norm_cache.store(weight, lora_A, lora_B, scaling, fan_in_fan_out, norm)
 
 

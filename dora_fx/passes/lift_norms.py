@@ -39,10 +39,10 @@ class LiftedNorm:
 _MODULE_ATTRIBUTES = ("_param_name_to_source", "_source_to_user_stacks")
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     """A new GraphModule over a copy of ``gm``'s graph (sharing its modules and parameters), with what
-    Dynamo keeps on the module and the placeholders. Dynamo reads its own graph's placeholders after
-    the backend returns, so new inputs go into a copy."""
+    Dynamo keeps on the module and the placeholders, and the map from old nodes to new. Dynamo reads
+    its own graph's placeholders after the backend returns, so new inputs go into a copy."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -54,27 +54,27 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     for name in _MODULE_ATTRIBUTES:
         if hasattr(gm, name):
             setattr(copied, name, getattr(gm, name))
-    return copied
+    return copied, env
 
 
 def lift_norms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[LiftedNorm]]:
     """``gm`` with its liftable norm nodes replaced by new trailing placeholders, and their specs in
     order; ``gm`` itself when there is none (``gm`` is never changed)."""
-    target = torch.ops.dora_fx.cached_weight_norm.default
-    if not gm.graph.find_nodes(op="call_function", target=target):
+    position = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    liftable = [
+        node
+        for node in gm.graph.find_nodes(op="call_function", target=torch.ops.dora_fx.cached_weight_norm.default)
+        if all(arg in position for arg in node.args[:3]) and not isinstance(node.args[3], fx.Node)
+    ]
+    if not liftable:
         return gm, []
-    gm = _copy(gm)
+    gm, env = _copy(gm)
     graph = gm.graph
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    if not placeholders:
-        return gm, []
-    position = {node: i for i, node in enumerate(placeholders)}
+    last = env[next(reversed(position))]
     lifted: list[LiftedNorm] = []
-    last = placeholders[-1]
-    for node in list(graph.find_nodes(op="call_function", target=target)):
-        weight, lora_A, lora_B, scaling, fan_in_fan_out = node.args
-        if not all(arg in position for arg in (weight, lora_A, lora_B)) or isinstance(scaling, fx.Node):
-            continue
+    for original in liftable:
+        node = env[original]
+        weight, lora_A, lora_B, scaling, fan_in_fan_out = original.args
         value = node.meta["val"]
         with graph.inserting_after(last):
             last = graph.placeholder(f"{NAME_PREFIX}{len(lifted)}")
