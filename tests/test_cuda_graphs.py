@@ -16,6 +16,10 @@ from dora_fx.passes.lift_norms import LiftedNorm
 pytestmark = pytest.mark.cuda
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+# The captured norm against the same kernels called eagerly: cuBLAS may choose another algorithm in a
+# capture (its workspace differs), so the two agree to the norm's own accuracy (tests/kernels: 1e-5
+# relative), not bit for bit.
+SAME_NORM = dict(rtol=1e-5, atol=0)
 
 
 def test_lifted_norms_replay_one_cuda_graph():
@@ -29,12 +33,12 @@ def test_lifted_norms_replay_one_cuda_graph():
 
     (norm,) = bank.norms(args)
     assert bank._graph is not None, "the norms were not captured"
-    torch.testing.assert_close(norm, eager(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm, eager(), **SAME_NORM)
     with torch.no_grad():
         args[2].mul_(1.5)
     (again,) = bank.norms(args)
     assert again.data_ptr() == norm.data_ptr() and bank.refreshes == 2
-    torch.testing.assert_close(again, eager(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(again, eager(), **SAME_NORM)
 
 
 def _cuda_mlp() -> tuple[models.Example, torch.Tensor]:
@@ -110,4 +114,4 @@ def test_a_freed_capture_leaves_the_others_replaying():
     (norm,) = second.norms(second_args)
     torch.cuda.synchronize()
     expected = dispatch.call("weight_norm", *second_args, 0.5, False)
-    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm, expected, **SAME_NORM)
