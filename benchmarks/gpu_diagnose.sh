@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call on one H200 (device kind nvidia-h200): the CUDA tests and where the 512-token train
+# step's time goes, in at most ${TOTAL:-420} s.
+#   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s;
+#   2. profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time, traces);
+#   3. norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
+# Summary: $OUT/diagnose.log; JSON and traces under $OUT.
+source benchmarks/gpu_common.sh
+TOTAL=${TOTAL:-420}
+LOG=$OUT/diagnose.log
+gpu_setup "$OUT/versions.log"
+export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at most AT_MOST, at least 1
+  local s=$((TOTAL - 10 - SECONDS))
+  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
+  echo $((s > 1 ? s : 1))
+}
+TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
+TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
+TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py --kernels --out "$OUT/norm_host_cost.json"
+cat "$LOG"
