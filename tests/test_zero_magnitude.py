@@ -43,3 +43,20 @@ def test_zero_magnitude_under_inductor():
     (rewrite,) = backend.report.rewrites
     assert rewrite.variant == "reused base"
     sl.assert_matches(ours, sl.step(model, model, x))
+
+
+@pytest.mark.cuda
+def test_cuda_zero_magnitude_kernel_runs_from_inductor_code():
+    """On CUDA the exact path is one Triton kernel that Inductor's generated code launches (no op
+    dispatch from Python in the backward), and its gradients still equal eager PEFT's."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _with_zero_magnitudes(bias=False).cuda()
+    backend = dora_fx.DoraBackend(inner="inductor")
+    x = torch.randn(9, 16, device="cuda")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ours, codes = run_and_get_code(lambda: sl.step(compiled, model, x))
+    code = "\n".join(codes)
+    assert "_zero_magnitude_grad_kernel" in code
+    assert "ops.dora_fx.zero_magnitude_grad" not in code
+    sl.assert_matches(ours, sl.step(model, model, x))

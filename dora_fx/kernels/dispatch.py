@@ -54,8 +54,9 @@ def triton_available() -> bool:
     return True
 
 
-def _on_cuda(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+def has_kernel(args) -> bool:
+    """Whether a call on ``args`` goes to a Triton kernel: CUDA tensors and Triton installed."""
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) and triton_available()
 
 
 def _traced(args) -> bool:
@@ -76,7 +77,7 @@ def call(name: str, *args):
     """Run op ``name`` on ``args`` with its Triton kernel where it applies, else the reference."""
     if name in TRACED_AS_REFERENCE and _traced(args):
         return getattr(reference, name)(*args)
-    if _on_cuda(args) and triton_available():
+    if has_kernel(args):
         try:  # a broken Triton install can already fail on import
             kernel = getattr(importlib.import_module(_KERNEL_MODULE[name]), name)
             return kernel(*args)
