@@ -33,10 +33,10 @@ _MAX_ENTRIES_BEFORE_PRUNING = 4096
 _version = operator.attrgetter("_version")
 
 
-def state(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """The version counters and storages of ``tensors``: equal while none was written or rebound
-    through autograd-visible ops (raises ``RuntimeError`` for inference tensors, which have none)."""
-    return (*map(_version, tensors), *map(torch.Tensor.data_ptr, tensors))
+def state(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(versions, storages)`` of ``tensors``: equal while none was written or rebound through
+    autograd-visible ops (raises ``RuntimeError`` for inference tensors, which have no version counter)."""
+    return tuple(map(_version, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
 
 
 def capturing(tensor: torch.Tensor) -> bool:

@@ -14,7 +14,8 @@ in-place error rather than using the new norm.
 On CUDA, all the norms of a graph are recomputed by one replay of a CUDA graph captured on the first
 refresh (a dozen kernels per norm otherwise cost the host more than the GPU), captured again when a
 tensor moves to another address or a base weight changes (its ``||W||²`` is read, not recomputed, by
-the captured work). Where capture fails the norms are computed eagerly, reported once.
+the captured work); the replay writes the buffers themselves. Where capture fails the norms are
+computed eagerly, reported once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class NormInputs:
     def __init__(self, specs: Sequence[LiftedNorm]):
         self.specs = tuple(specs)
         self._positions = sorted({i for s in self.specs for i in (s.weight, s.lora_A, s.lora_B)})
-        self._weights = sorted({s.weight for s in self.specs})
+        self._weight_slots = [self._positions.index(i) for i in sorted({s.weight for s in self.specs})]
         self._state: tuple | None = None
         self._buffers: list[Tensor] | None = None
         self._graph: _CapturedNorms | None = None
@@ -62,7 +63,7 @@ class NormInputs:
         tensors = [args[i] for i in self._positions]
         state = _state(tensors)
         if state is None or state != self._state:
-            self._refresh(args, tensors, versioned=state is not None)
+            self._refresh(args, tensors, state)
             self._state = None if norm_cache.capturing(tensors[0]) else state
         return self._buffers
 
@@ -74,17 +75,17 @@ class NormInputs:
             for s in self.specs
         ]
 
-    def _refresh(self, args: Sequence, tensors: list[Tensor], versioned: bool) -> None:
+    def _refresh(self, args: Sequence, tensors: list[Tensor], state: tuple | None) -> None:
         self.refreshes += 1
         with torch.no_grad():
-            use_graph = versioned and self._use_cuda_graph(tensors)  # the graph's key reads versions
-            values = self._compute_on_cuda_graph(args, tensors) if use_graph else None
-            if values is None:
-                values = self._compute(args)
             if self._buffers is None:
-                self._buffers = [v.clone() for v in values]
-            else:
-                torch._foreach_copy_(self._buffers, values)
+                self._buffers = [
+                    torch.empty(s.d_out, dtype=s.dtype, device=args[s.weight].device) for s in self.specs
+                ]
+            # The graph's key reads versions: inputs without any (inference tensors) are computed eagerly.
+            if state is not None and self._use_cuda_graph(tensors) and self._replayed(args, state):
+                return
+            torch._foreach_copy_(self._buffers, self._compute(args))
 
     def _compute(self, args: Sequence, squares: list[Tensor] | None = None) -> list[Tensor]:
         squares = squares or [None] * len(self.specs)
@@ -105,18 +106,28 @@ class NormInputs:
             and not launch.interpreting()
         )
 
-    def _compute_on_cuda_graph(self, args: Sequence, tensors: list[Tensor]) -> list[Tensor] | None:
-        key = (tuple(map(id, tensors)), tuple(t.data_ptr() for t in tensors), tuple(args[i]._version for i in self._weights))
+    def _replayed(self, args: Sequence, state: tuple) -> bool:
+        """Refresh the buffers by a replay of the captured computation (captured first where there is
+        none for these tensors and base weights); ``False`` where capture fails."""
+        _, ids, (versions, pointers) = state
+        key = (ids, pointers, tuple(versions[i] for i in self._weight_slots))
         if self._graph is None or self._graph.key != key:
             self._graph = None
             squares = self._row_squares(args)  # kept outside the graph, read by it
+
+            def compute_into_buffers():
+                torch._foreach_copy_(self._buffers, self._compute(args, squares))
+
             try:
-                self._graph = _CapturedNorms(key, lambda: self._compute(args, squares), keep=squares)
+                self._graph = _CapturedNorms(key, compute_into_buffers, keep=squares)
             except Exception as exc:  # a kernel that cannot be captured: compute eagerly from now on
                 self._capture_failed = True
                 log.warning("dora_fx: the norms could not be captured in a CUDA graph (%s); computing them eagerly", exc)
-                return None
-        return self._graph.replay()
+                return False
+        self._graph.replay()
+        # A replay writes the buffers behind autograd's back: move their versions on as a copy would.
+        torch._C._autograd._unsafe_set_version_counter(tuple(self._buffers), tuple(b._version + 1 for b in self._buffers))
+        return True
 
 
 class _CapturedNorms:
@@ -129,7 +140,7 @@ class _CapturedNorms:
     do: the capture's workspace is allocated in this graph's private pool and lives as long as it.
     """
 
-    def __init__(self, key: tuple, compute: Callable[[], list[Tensor]], keep: object):
+    def __init__(self, key: tuple, compute: Callable[[], None], keep: object):
         self.key = key
         self._inputs = keep  # tensors the graph reads that nothing else may keep alive
         self._stream = torch.cuda.Stream()
@@ -143,20 +154,19 @@ class _CapturedNorms:
             # thread_local: CUDA calls of other threads (compile workers, data loaders) neither break
             # this capture nor fail because of it.
             with torch.cuda.graph(self._graph, stream=self._stream, capture_error_mode="thread_local"):
-                self._outputs = compute()
+                compute()
         finally:
             torch._C._cuda_clearCublasWorkspaces()
 
-    def replay(self) -> list[Tensor]:
+    def replay(self) -> None:
         self._graph.replay()
-        return self._outputs
 
 
 def _state(tensors: list[Tensor]) -> tuple | None:
-    """What must stay equal for the norms to stay valid, or ``None`` where there is no such thing
-    (inference tensors have no version counter)."""
+    """What must stay equal for the norms to stay valid, ``(epoch, ids, (versions, storages))``, or
+    ``None`` where there is no such thing (inference tensors have no version counter)."""
     try:
-        return (norm_cache.epoch(), *map(id, tensors), *norm_cache.state(tensors))
+        return norm_cache.epoch(), tuple(map(id, tensors)), norm_cache.state(tensors)
     except RuntimeError:
         return None
 
