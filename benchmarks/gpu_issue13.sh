@@ -4,7 +4,7 @@
 #   1b. with KERNELS=1, bench_kernels.py --quick --norm-only: the norm implementations (at most 60 s);
 #   1c. bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
-#   1e. with PROFILE=1, profile_step.py at 1 x 512 tokens: host and GPU time of the train step (at most 150 s);
+#   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
 #   3. bench_model.py at 1 x 512 tokens: plain LoRA + Inductor and dora_fx, fwd and fwd+bwd (the time left).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
@@ -37,7 +37,7 @@ TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pyt
   --quick --norm-only --no-inductor --out "$OUT/kernels_norm.json"
 [ -n "${NORM_KERNELS:-}" ] && TAIL=30 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels --out "$OUT/norm_host_cost.json"
-[ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq 512 \
+[ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq "${PROFILE_SEQ:-512}" \
   --out "$OUT/profile"
 TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
 bench model_4096 "$(left 240)" --seq 4096 --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
