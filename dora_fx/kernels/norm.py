@@ -3,17 +3,17 @@
 ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, U_i> + s²<B_i, (B G)_i>`` with ``U = W Aᵀ [d_out, r]`` and
 ``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed.
 
-``weight_norm`` (what the ops call on CUDA): ``U`` and ``G`` from GEMMs with float32 outputs (cuBLAS
-on CUDA, :func:`reference.matmul_float32`), then one launch of ``_norm_rows_kernel``: each program
-owns a block of rows, forms its rows of ``B G`` tile by tile on the tensor cores (for a bf16 ``B``
-against the two bf16 halves of ``G``, about 16 bits of it), sums ``<B_i, U_i>`` and
-``<B_i, (B G)_i>`` over the columns in a fixed order, adds ``||W_i||²`` (given by the caller, kept per
-frozen weight by :mod:`dora_fx.norm_cache`, or computed here, one more read of ``W``) and finishes its
-rows (``_finish_rows``). Three kernels per norm (more only where cuBLAS splits a GEMM). The rows
-kernel has no atomics and no sums across programs; the same inputs give the same bits
-(``test_cuda_run_to_run_identical``).
+``weight_norm`` (what the ops call on CUDA): ``U``, ``G`` and ``B G`` from GEMMs with float32 outputs
+(cuBLAS on CUDA, :func:`reference.matmul_float32`); for a bf16 ``B``, ``B G`` is one GEMM against the
+two bf16 halves ``[G_hi | G_lo]`` of ``G``, built by one small kernel. Then one launch of
+``_norm_rows_kernel``: each program owns a block of rows, sums ``<B_i, U_i>`` and ``<B_i, (B G)_i>``
+over the columns in a fixed order, adds ``||W_i||²`` (given by the caller, kept per frozen weight by
+:mod:`dora_fx.norm_cache`, or computed here, one more read of ``W``) and finishes its rows
+(``_finish_rows``). The rows kernel has no atomics and no sums across programs; the same inputs give
+the same bits (``test_cuda_run_to_run_identical``).
 
-Transient memory: ``U`` (``d_out·r``) and ``G`` (``r × r``) in float32.
+Transient memory: ``U`` (``d_out·r``) and ``B G`` (``d_out·2r`` for a bf16 ``B``, else ``d_out·r``) in
+float32, and ``r × r``-sized ``G`` and halves.
 
 Cancellation (docs/behaviour.md): a row whose factored terms cancel, amplification
 ``a_i = (||W_i||² + |2s<B_i, U_i>| + s²||(BA)_i||²) / norm_i²`` above ``AMPLIFICATION_LIMIT``, is
@@ -23,7 +23,9 @@ blocks without such rows only pay a comparison.
 An earlier one-pass Triton kernel (``U`` accumulated with ``tl.dot`` while summing ``W²`` from the
 same tiles) was removed on 2026-12-02 after an H200 measurement in one run: GPU time per
 Llama-3-8B-shaped layer (seven projections, r = 384, bf16) 0.55 ms for this path with ``||W||²``
-given, 0.66 ms for that kernel.
+given, 0.66 ms for that kernel. Forming ``B G`` inside the rows kernel instead (bf16 halves of ``G``
+in registers, ``[32, 128]`` tiles) was measured the same way on 2026-12-02 and dropped: 1.91 ms of
+rows kernels for 4 layers against 0.28 ms plus about 0.4 ms of cuBLAS ``B·G``.
 """
 
 from __future__ import annotations
@@ -120,54 +122,36 @@ def _finish_rows(
 
 @triton.jit
 def _norm_rows_kernel(
-    u_ptr, g_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
-    stride_um, stride_ur, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr, SPLIT_GRAM: tl.constexpr, UPCAST: tl.constexpr,
+    u_ptr, bg_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
+    stride_um, stride_ur, stride_bgm, stride_bgr, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr, BG_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
 ):
-    """Row norms from ``U = W Aᵀ`` (float32 ``[d_out, r]``), ``G = A Aᵀ`` (float32 ``[r, r]``,
-    contiguous) and ``||W_i||²``.
+    """Row norms from ``U = W Aᵀ``, ``B G`` (float32 ``[d_out, r]``, ``G = A Aᵀ``) and ``||W_i||²``.
 
-    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time:
-    ``cross_i = Σ_j B[i, j]·U[i, j]`` and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``, the tile of ``B G``
-    formed here from ``BLOCK_R``-wide slices (never stored). With ``SPLIT_GRAM`` (a bf16 ``B``) the
-    product runs on the bf16 tensor cores against the two bf16 halves of ``G`` (``G_hi + G_lo``, about
-    16 bits of ``G``; ``B`` exact, float32 sums); otherwise with ``tf32x3`` on float32 operands.
-    Then ``size = ||W_i||² + s²·lora_i``, ``squared = size + 2s·cross_i``, finished by
-    :func:`_finish_rows` (cancelled rows recomputed densely from ``W``, ``A`` and ``B``, clamp,
-    square root).
+    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time: ``cross_i = Σ_j B[i, j]·U[i, j]``
+    and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``; with ``BG_HALVES`` the ``B G`` buffer is ``[d_out, 2r]``,
+    ``B·G_hi`` then ``B·G_lo``, added here. Then ``size = ||W_i||² + s²·lora_i``,
+    ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows` (cancelled rows recomputed
+    densely from ``W``, ``A`` and ``B``, clamp, square root).
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < d_out
     s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
     offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lora = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n in range(0, r, BLOCK_N):
         cols = n + offs_n
-        mask_n = cols < r
-        mask = mask_m[:, None] & mask_n[None, :]
+        mask = mask_m[:, None] & (cols < r)[None, :]
         b_n = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
         u_n = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_ur, mask=mask, other=0.0)
-        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, r, BLOCK_R):
-            ks = k + offs_r
-            mask_k = ks < r
-            b_k = tl.load(
-                b_ptr + rows[:, None] * stride_bm + ks[None, :] * stride_br,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            g = tl.load(g_ptr + ks[:, None] * r + cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if SPLIT_GRAM:
-                g_hi = g.to(tl.bfloat16)
-                bg = mma(b_k, g_hi, bg, UPCAST)
-                bg = mma(b_k, (g - g_hi.to(tl.float32)).to(tl.bfloat16), bg, UPCAST)
-            else:
-                bg = mma(b_k, g, bg, True)
+        bg_ptrs = bg_ptr + rows[:, None] * stride_bgm + cols[None, :] * stride_bgr
+        bg = tl.load(bg_ptrs, mask=mask, other=0.0)
+        if BG_HALVES:
+            bg += tl.load(bg_ptrs + r * stride_bgr, mask=mask, other=0.0)
         cross += tl.sum(b_n * u_n, axis=1)
         lora += tl.sum(b_n * bg, axis=1)
     w_sq = tl.load(w_sq_ptr + rows, mask=mask_m, other=0.0)
@@ -188,6 +172,33 @@ def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
     """Whether ``mma`` must take float32 operands: mixed or float32 inputs, or bf16 when interpreting."""
     native = a == b and a in (torch.float16, torch.bfloat16)
     return not native or (interpreting and a == torch.bfloat16)
+
+
+@triton.jit
+def _gram_halves_kernel(g_ptr, out_ptr, r, BLOCK: tl.constexpr):
+    """``out [r, 2r]`` (bf16) ``= [G_hi | G_lo]`` for a contiguous float32 ``G [r, r]``:
+    ``G_hi = bf16(G)``, ``G_lo = bf16(G - G_hi)``, so ``G_hi + G_lo`` holds about 16 bits of ``G``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < r * r
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    hi = g.to(tl.bfloat16)
+    row, col = offs // r, offs % r
+    tl.store(out_ptr + row * 2 * r + col, hi, mask=mask)
+    tl.store(out_ptr + row * 2 * r + r + col, (g - hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+
+
+def _times_gram(lora_B: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(B·G, halves)`` in float32. For a bf16 ``B``, one GEMM against ``[G_hi | G_lo]``
+    (``_gram_halves_kernel``; ``B`` exact) on the tensor cores on CUDA, so the result is ``[d_out, 2r]``
+    and ``halves`` is True; otherwise a float32 GEMM."""
+    if lora_B.dtype != torch.bfloat16:
+        return lora_B.float() @ gram, False
+    r = gram.shape[0]
+    gram = gram.contiguous()
+    halves = torch.empty((r, 2 * r), dtype=torch.bfloat16, device=gram.device)
+    block = 1024
+    launchable(_gram_halves_kernel, gram)[(triton.cdiv(r * r, block),)](gram, halves, r, BLOCK=block)
+    return reference.matmul_float32(lora_B, halves), True
 
 
 def weight_norm(
@@ -217,17 +228,16 @@ def weight_norm(
     if row_squares is None:
         row_squares = torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
     u = reference.matmul_float32(w_rows, lora_A.T)
-    gram = reference.matmul_float32(lora_A, lora_A.T).contiguous()
+    bg, halves = _times_gram(lora_B, reference.matmul_float32(lora_A, lora_A.T))
     out = torch.empty((d_out,), dtype=torch.float32, device=weight.device)
     interpreting = launch.interpreting()
     block_m = 16 if interpreting else 32
     block_n = min(64 if interpreting else 128, _pow2_at_least(r))
     launchable(_norm_rows_kernel, weight)[(triton.cdiv(d_out, block_m),)](
-        u, gram, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
-        u.stride(0), u.stride(1), w_rows.stride(0), w_rows.stride(1),
+        u, bg, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
+        u.stride(0), u.stride(1), bg.stride(0), bg.stride(1), w_rows.stride(0), w_rows.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback,
-        SPLIT_GRAM=lora_B.dtype == torch.bfloat16, UPCAST=_needs_upcast(lora_B.dtype, torch.bfloat16, interpreting),
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback, BG_HALVES=halves,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if interpreting else 64,
         DENSE_ROWS=16, DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
         num_warps=4, num_stages=1,
