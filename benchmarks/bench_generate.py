@@ -94,7 +94,8 @@ def measure(name: str, model, prompts: dict[int, torch.Tensor], args, device, re
     return rows
 
 
-def run(args) -> list[dict]:
+def run(args, save=lambda rows: None) -> list[dict]:
+    """Every contender's rows; ``save(rows so far)`` after each contender, so a run cut short keeps them."""
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(7)
     prompts = {b: torch.randint(1, args.vocab, (b, args.prompt), generator=gen).to(device) for b in args.batches}
@@ -102,25 +103,36 @@ def run(args) -> list[dict]:
     dora = bench_model.build_model(args, args.rank, device, seed).eval()
     adapters = bench_model.lora_adapters(dora)
     dora.config.use_cache = True
-    reference: dict[int, torch.Tensor] = {}  # dora_eager's tokens per batch size
+    dora_reference: dict[int, torch.Tensor] = {}  # dora_eager's tokens per batch size
+    reference = dora_reference
     rows = measure("dora_eager", dora, prompts, args, device, reference)
-    from peft.helpers import DoraCaching
-
-    rows += measure("dora_caching", dora, prompts, args, device, reference, context=DoraCaching)
+    save(rows)
     for mode in args.modes:
         rows += measure(f"dora_fx/{mode}", _compiled_in_place(dora, dora_fx.dora_backend, mode), prompts, args, device,
                         reference)
         _restore(dora)
+        save(rows)
     del dora
     C.free(device)
     lora = bench_model.build_model(args, args.rank, device, seed, adapters).eval()
     lora.config.use_cache = True
-    reference = {}  # lora_eager's
+    reference = {}  # lora_eager's tokens per batch size
     rows += measure("lora_eager", lora, prompts, args, device, reference)
+    save(rows)
     for mode in args.modes:
         rows += measure(f"lora_compiled/{mode}", _compiled_in_place(lora, "inductor", mode), prompts, args, device,
                         reference)
         _restore(lora)
+        save(rows)
+    del lora
+    C.free(device)
+    if args.caching:  # last: the slowest contender
+        dora = bench_model.build_model(args, args.rank, device, seed).eval()
+        dora.config.use_cache = True
+        from peft.helpers import DoraCaching
+
+        rows += measure("dora_caching", dora, prompts, args, device, dora_reference, context=DoraCaching)
+        save(rows)
     return rows
 
 
@@ -168,6 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
                         help="torch.compile modes of the compiled contenders")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-caching", dest="caching", action="store_false",
+                        help="leave out the PEFT DoRA + DoraCaching contender")
     parser.add_argument("--out", default="benchmarks/results/generate.json")
     args = parser.parse_args(argv)
     defaults = dict(rank=384, layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=1024,
@@ -184,9 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = run(args)
-    C.write_json(args.out, {"env": C.environment(torch.device(args.device)), "config": vars(args), "rows": rows,
-                            "targets": TARGETS})
+    env = C.environment(torch.device(args.device))
+    rows = run(args, save=lambda rows: C.write_json(args.out, {"env": env, "config": vars(args), "rows": rows,
+                                                               "targets": TARGETS}))
     print(f"wrote {args.out}")
     print_report(rows, args)
 
