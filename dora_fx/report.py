@@ -38,8 +38,8 @@ def module_class(node: fx.Node) -> str:
 class RegionCode:
     """A few nodes of a graph as a stand-alone FX graph, rendered as Python source when first read.
 
-    The nodes are copied when the passes run, because the graph changes afterwards (the rewrite
-    erases the region it replaced, the backend lifts norms, the inner compiler runs). Rendering is
+    The nodes are copied when the passes run, because the graph changes afterwards (the dead-code
+    pass erases the replaced region, the backend lifts norms, the inner compiler runs). Rendering is
     left for later: it costs more than the copy (together about 3 ms a region, a quarter of the
     passes' time on a tiny Llama), and only the audit's code dump reads the code.
     """
