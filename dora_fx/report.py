@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 
 import torch.fx as fx
+
+from dora_fx.passes.graph_view import topological_order
 
 _PATH_PART = re.compile(r"\['([^']+)'\]|\[(\d+)\]|\.(\w+)|^(\w+)")
 _NOT_PATH = {"L", "self", "__dict__", "_modules", "fn"}
@@ -31,8 +34,49 @@ def module_class(node: fx.Node) -> str:
     return getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RegionCode:
+    """A few nodes of a graph as a stand-alone FX graph, rendered as Python source when first read.
+
+    The nodes are copied when the passes run, because the graph changes afterwards (the dead-code
+    pass erases the replaced region, the backend lifts norms, the inner compiler runs). Rendering is
+    left for later: it costs more than the copy (together about 3 ms a region, a quarter of the
+    passes' time on a tiny Llama), and only the audit's code dump reads the code.
+    """
+
+    graph: fx.Graph
+
+    @classmethod
+    def of(cls, nodes: set[fx.Node], output: fx.Node, input_names: dict[fx.Node, str]) -> RegionCode:
+        """``nodes`` as a graph that returns ``output``. Values flowing in from outside ``nodes`` become
+        placeholders, named by ``input_names`` where it has them (Dynamo's own names for parameters
+        run to a hundred characters). The copies keep no ``meta``, so that no example value of the
+        compiled graph stays alive with the report."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+
+        def lookup(node: fx.Node) -> fx.Node:
+            if node not in env:
+                env[node] = graph.placeholder(input_names.get(node, node.name))
+            return env[node]
+
+        for node in topological_order(nodes):
+            env[node] = graph.node_copy(node, lookup)
+        graph.output(env[output])
+        for node in graph.nodes:
+            node.meta = {}
+        return cls(graph)
+
+    @functools.cached_property
+    def code(self) -> str:
+        return self.graph.python_code("self").src.strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
+    """One rewritten DoRA region; ``before`` and ``after`` hold its FX code before and after the
+    rewrite (``code_before`` and ``code_after`` render it)."""
+
     module: str
     d_out: int
     d_in: int
@@ -41,8 +85,23 @@ class Rewrite:
     dtype: str
     variant: str
     dense_bytes_avoided: int
-    code_before: str = dataclasses.field(default="", repr=False, compare=False)
-    code_after: str = dataclasses.field(default="", repr=False, compare=False)
+    before: RegionCode | None = dataclasses.field(default=None, repr=False, compare=False)
+    after: RegionCode | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def code_before(self) -> str:
+        return "" if self.before is None else self.before.code
+
+    @property
+    def code_after(self) -> str:
+        return "" if self.after is None else self.after.code
+
+    def to_dict(self, code: bool = False) -> dict:
+        """Plain data; ``code=True`` adds the FX code before and after."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("before", "after")}
+        if code:
+            data.update(code_before=self.code_before, code_after=self.code_after)
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +126,8 @@ class GraphReport:
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
     near_misses: list[NearMiss] = dataclasses.field(default_factory=list)
     pass_seconds: float = 0.0
+    # {pass name: places it rewrote (nodes erased, for the dead-code pass)}, in the order the passes ran
+    pass_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -96,11 +157,15 @@ class Report:
 
     def to_dict(self, code: bool = False) -> dict:
         """Plain data for programs; ``code=True`` keeps each rewrite's FX code before and after."""
-        graphs = [dataclasses.asdict(g) for g in self.graphs]
-        if not code:
-            for graph in graphs:
-                for rewrite in graph["rewrites"]:
-                    del rewrite["code_before"], rewrite["code_after"]
+        graphs = [
+            {
+                "graph_id": g.graph_id,
+                "rewrites": [r.to_dict(code) for r in g.rewrites],
+                "near_misses": [dataclasses.asdict(m) for m in g.near_misses],
+                "pass_seconds": g.pass_seconds,
+            }
+            for g in self.graphs
+        ]
         return {
             "graphs": graphs,
             "total_rewrites": len(self.rewrites),

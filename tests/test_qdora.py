@@ -71,6 +71,7 @@ def test_llama_nf4_one_graph_without_dense_weights():
     assert _dense_weight_nodes(backend.graphs[0], backend.report.rewrites) == []
     targets = [n.target for n in backend.graphs[0].graph.nodes]
     assert targets.count(torch.ops.dora_fx.weight_norm_4bit.default) == 14
+    assert backend.report.graphs[0].pass_counts["quantized_norm"] == 14
 
 
 def test_dropout_keeps_the_dequantized_weight_only_for_the_base_gemm():

@@ -18,8 +18,9 @@ Rewrite to::
     out  = dora_fx.compose_saving_output(result, lora, m, norm, s, x, W, A, B, fan_in_fan_out)  # reused base, no bias
     out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)   # otherwise
 
-When W is a bitsandbytes dequantization, :mod:`dora_fx.passes.qdora` supplies the norm op that reads
-the quantized weight instead (``weight_norm_4bit`` / ``weight_norm_int8``).
+The norm is ``cached_weight_norm`` whatever ``W`` is; :mod:`dora_fx.passes.quantized_norm` then
+replaces it where ``W`` is a bitsandbytes dequantization. The nodes the rewrite no longer reads are left
+to :mod:`dora_fx.passes.dead_code`.
 
 Anything that matches only part of this (another scaling in the output than in the norm, a norm over
 another dimension, a dense product that something else also reads, ...) is left alone and reported
@@ -29,7 +30,6 @@ as a near-miss with the reason.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import operator
 
 import torch
@@ -38,10 +38,8 @@ import torch.fx as fx
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx import dtypes
 from dora_fx.passes import graph_view as gv
-from dora_fx.passes import qdora
-from dora_fx.report import NearMiss, Rewrite, module_class, module_path
-
-log = logging.getLogger(__name__)
+from dora_fx.passes.records import GraphRewrites, PassResult, RewrittenRegion
+from dora_fx.report import NearMiss, RegionCode, module_class, module_path
 
 _NORM_INPUT_NODES = {
     "eye": gv.ANY, "A": gv.ANY, "B": gv.ANY, "W": gv.ANY, "a_eye": gv.LINEAR, "dense": gv.LINEAR,
@@ -341,12 +339,12 @@ def match_region(anchor: fx.Node) -> Region:
     raise failures[0]
 
 
-def _norm_value(region: Region, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _norm_value(region: Region) -> torch.Tensor:
     """``meta["val"]`` of the new norm node: what the op's fake implementation returns, built directly
     (running the op under fake mode would trace its autograd and reference math, ~5 ms a region)."""
     weight, lora_A, lora_B = (gv.value(n) for n in (region.weight, region.nodes["A"], region.nodes["B"]))
     with weight.fake_mode:
-        return weight.new_empty((region.d_out,), dtype=dtype or dtypes.norm_dtype(weight, lora_A, lora_B))
+        return weight.new_empty((region.d_out,), dtype=dtypes.norm_dtype(weight, lora_A, lora_B))
 
 
 def _compose_value(region: Region) -> torch.Tensor:
@@ -368,19 +366,28 @@ def _region_nodes(region: Region) -> set[fx.Node]:
     return nodes
 
 
-def _compose_call(region: Region, norm: fx.Node, keeps_weight: bool) -> tuple[object, tuple]:
+def _is_graph_input(node: fx.Node) -> bool:
+    """Whether ``node`` is a tensor the graph receives (an input, or a parameter of ``gm``), as
+    opposed to one it computes (a dequantized weight, say)."""
+    return node.op in ("placeholder", "get_attr")
+
+
+def _compose_call(region: Region, norm: fx.Node) -> tuple[object, tuple]:
     """``(op, args)`` of the composition.
 
     Where the magnitude gets no gradient, ``compose``: its backward keeps no activation. Where it
-    does, for PEFT's reused base without bias (``out = g·adapted``) over a plain weight,
+    does, for PEFT's reused base without bias (``out = g·adapted``) over a weight the graph receives,
     ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
-    anyway. Otherwise ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
+    anyway, and ``W`` (for the magnitude's gradient where ``m = 0``), which then costs nothing. A
+    ``W`` the graph computes (a dequantized bitsandbytes or torchao weight) would be kept as a dense
+    activation of its own, so there, as otherwise, ``compose_with_adapted``, which keeps
+    ``adapted = base + s·lora``.
     """
     nodes = region.nodes
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
     if not _magnitude_needs_grad(region):
         return torch.ops.dora_fx.compose.default, compose_args
-    if region.base is None and region.bias is None and keeps_weight:
+    if region.base is None and region.bias is None and _is_graph_input(region.weight):
         lora_input = nodes["a_x"].args[0]  # as lora_A reads it: kept for lora_A's gradient anyway
         return torch.ops.dora_fx.compose_saving_output.default, (
             nodes["result"], nodes["lora"], nodes["m"], norm, region.scaling,
@@ -395,28 +402,22 @@ def _magnitude_needs_grad(region: Region) -> bool:
     return gv.value(region.nodes["out"]).requires_grad and gv.value(region.nodes["m"]).requires_grad
 
 
-def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
-    """Replace ``region`` in ``gm`` by the dora_fx ops and remove what became dead (returned)."""
+def rewrite(gm: fx.GraphModule, region: Region) -> tuple[RewrittenRegion, list[fx.Node]]:
+    """Replace ``region`` in ``gm`` by the dora_fx ops: returns the record of the rewrite and the
+    nodes it stopped reading (erased later where nothing else reads them)."""
     graph = gm.graph
     nodes = region.nodes
     out = nodes["out"]
     roles = {node: _ROLE_NAMES.get(role, role) for role, node in nodes.items()} | {region.weight: "weight"}
     if region.bias is not None:
         roles[region.bias] = "bias"
-    code_before = gv.subgraph_code(_region_nodes(region), out, roles)
-    quantized = qdora.quantized_norm(region.weight, region.fan_in_fan_out)
-    lora_args = (nodes["A"], nodes["B"], region.scaling)
+    before = RegionCode.of(_region_nodes(region), out, roles)
     # The norm is reused while W, A and B are unchanged: every eval call, every gradient-accumulation
     # micro-batch and activation-checkpoint recomputation between two optimizer steps.
-    if quantized is None or quantized.op is None:
-        norm_op = torch.ops.dora_fx.cached_weight_norm.default
-        norm_args = (region.weight, *lora_args, region.fan_in_fan_out)
-        norm_value = _norm_value(region)
-    else:
-        norm_op, norm_args = quantized.op, (*quantized.weight_args, *lora_args, True)
-        norm_value = _norm_value(region, dtype=torch.float32)
+    norm_args = (region.weight, nodes["A"], nodes["B"], region.scaling, region.fan_in_fan_out)
+    norm_value = _norm_value(region)
     with graph.inserting_before(nodes["norm"]):
-        norm_call = new_norm = graph.call_function(norm_op, norm_args)
+        norm_call = new_norm = graph.call_function(torch.ops.dora_fx.cached_weight_norm.default, norm_args)
         if gv.value(out).requires_grad:  # PEFT's norm is detached; the cached op has no autograd of its own
             new_norm = graph.call_method("detach", (norm_call,))
     for node in {norm_call, new_norm}:
@@ -424,7 +425,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
     meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
     out_value = _compose_value(region)
     with graph.inserting_before(out):
-        composed = graph.call_function(*_compose_call(region, new_norm, keeps_weight=quantized is None))
+        composed = graph.call_function(*_compose_call(region, new_norm))
         if composed.target is torch.ops.dora_fx.compose_with_adapted.default:
             with out_value.fake_mode:  # adapted: the output's shape, dtype and layout
                 composed.meta.update(val=(out_value, torch.empty_like(out_value)), **meta)
@@ -433,31 +434,24 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[Rewrite, set[fx.Node]]:
             new_out = composed
     new_out.meta.update(val=out_value, **meta)
     out.replace_all_uses_with(new_out)
-    dead = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
-    erased = _erase_dead(graph, dead)
+    unread = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
     dense = gv.value(nodes["dense"])
-    return Rewrite(
+    record = RewrittenRegion(
         module=module_path(new_out),
         d_out=region.d_out,
         d_in=region.d_in,
         r=region.r,
         scaling=gv.number_hint(region.scaling),
         dtype=str(gv.value(nodes["result"]).dtype).removeprefix("torch."),
-        variant=region.variant if quantized is None else f"{region.variant}, {quantized.label}",
+        variant=region.variant,
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
-        code_before=code_before,
-        code_after=gv.subgraph_code({norm_call, new_norm, composed, new_out}, new_out, roles),
-    ), erased
-
-
-def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> set[fx.Node]:
-    """Erase the ``candidates`` nobody uses any more, consumers first; returns the erased nodes."""
-    erased = set()
-    for node in reversed(gv.topological_order(set(candidates))):
-        if not node.users and node.op not in ("placeholder", "output"):
-            graph.erase_node(node)
-            erased.add(node)
-    return erased
+        before=before,
+        norm=norm_call,
+        new_nodes=list(dict.fromkeys((norm_call, new_norm, composed, new_out))),
+        output=new_out,
+        input_names=roles,
+    )
+    return record, unread
 
 
 def _compose_dtype_matches(region: Region) -> bool:
@@ -469,36 +463,39 @@ def _compose_dtype_matches(region: Region) -> bool:
     return dtypes.compose_dtype(vals[0], base, vals[1], vals[2]) == want
 
 
-def run(gm: fx.GraphModule) -> tuple[list[Rewrite], list[NearMiss]]:
-    """Rewrite every PEFT DoRA Linear region of ``gm`` in place."""
-    rewrites, near_misses = [], []
-    explained_eyes: set[fx.Node] = set()
-    erased: set[fx.Node] = set()
-    for anchor in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.NORM]:
-        if anchor in erased:  # by an earlier rewrite
-            continue
-        where = f"{module_path(anchor)} ({anchor.name})"
-        try:
-            region = match_region(anchor)
-            _require(_compose_dtype_matches(region), "the output dtype differs from dora_fx.compose's promotion")
-        except NoMatch as exc:
-            layer = module_class(anchor)
-            if not exc.report and layer.startswith("Dora") and layer != "DoraLinearLayer":
-                exc = NoMatch(f"PEFT's {layer} is not rewritten (only DoRA Linear layers are): {exc.reason}")
-            if exc.report:
-                near_misses.append(NearMiss(where, exc.reason))
-                explained_eyes |= {n for n in gv.neighbourhood(anchor, up=6, down=0) if gv.kind_of(n) == gv.EYE}
-            continue
-        done, gone = rewrite(gm, region)
-        rewrites.append(done)
-        erased |= gone
-        log.debug("dora_fx: rewrote %s", rewrites[-1])
-    for eye in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.EYE and n not in explained_eyes]:
-        if any(gv.kind_of(u) == gv.LINEAR for u in gv.real_users(eye)):
-            near_misses.append(
-                NearMiss(
-                    f"{module_path(eye)} ({eye.name})",
-                    "eye() feeds a LoRA linear but no matched DoRA norm (a graph break between them?)",
+class DoraLinearPass:
+    """The pass that rewrites every PEFT DoRA Linear region of a graph (see the module's docstring)."""
+
+    name = "dora_linear"
+
+    def run(self, gm: fx.GraphModule, rewrites: GraphRewrites) -> PassResult:
+        near_misses = []
+        explained_eyes: set[fx.Node] = set()
+        matched = 0
+        for anchor in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.NORM]:
+            where = f"{module_path(anchor)} ({anchor.name})"
+            try:
+                region = match_region(anchor)
+                _require(_compose_dtype_matches(region), "the output dtype differs from dora_fx.compose's promotion")
+            except NoMatch as exc:
+                layer = module_class(anchor)
+                if not exc.report and layer.startswith("Dora") and layer != "DoraLinearLayer":
+                    exc = NoMatch(f"PEFT's {layer} is not rewritten (only DoRA Linear layers are): {exc.reason}")
+                if exc.report:
+                    near_misses.append(NearMiss(where, exc.reason))
+                    explained_eyes |= {n for n in gv.neighbourhood(anchor, up=6, down=0) if gv.kind_of(n) == gv.EYE}
+                continue
+            record, unread = rewrite(gm, region)
+            rewrites.regions.append(record)
+            rewrites.maybe_dead += unread
+            explained_eyes.add(region.nodes["eye"])  # replaced, erased by the dead-code pass
+            matched += 1
+        for eye in [n for n in gm.graph.nodes if gv.kind_of(n) == gv.EYE and n not in explained_eyes]:
+            if any(gv.kind_of(u) == gv.LINEAR for u in gv.real_users(eye)):
+                near_misses.append(
+                    NearMiss(
+                        f"{module_path(eye)} ({eye.name})",
+                        "eye() feeds a LoRA linear but no matched DoRA norm (a graph break between them?)",
+                    )
                 )
-            )
-    return rewrites, near_misses
+        return PassResult(matched, near_misses)

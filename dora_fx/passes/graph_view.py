@@ -252,23 +252,3 @@ def topological_order(nodes: set[fx.Node]) -> list[fx.Node]:
     """``nodes`` producers first, in time proportional to their number (not the graph's)."""
     inside = {n: [p for p in n.all_input_nodes if p in nodes] for n in nodes}
     return list(graphlib.TopologicalSorter(inside).static_order())
-
-
-def subgraph_code(nodes: set[fx.Node], output: fx.Node, input_names: dict[fx.Node, str]) -> str:
-    """Python source of ``nodes`` as a stand-alone FX graph that returns ``output``.
-
-    Values flowing in from outside ``nodes`` become placeholders, named by ``input_names`` where it
-    has them (Dynamo's own names for parameters run to a hundred characters).
-    """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-
-    def lookup(node: fx.Node) -> fx.Node:
-        if node not in env:
-            env[node] = graph.placeholder(input_names.get(node, node.name))
-        return env[node]
-
-    for node in topological_order(nodes):
-        env[node] = graph.node_copy(node, lookup)
-    graph.output(env[output])
-    return graph.python_code("self").src.strip()

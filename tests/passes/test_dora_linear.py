@@ -58,6 +58,9 @@ def test_peft_formula_written_by_hand_is_rewritten():
     assert (rewrite.d_out, rewrite.d_in, rewrite.r, rewrite.scaling) == (12, 12, 3, 2.0)
     assert rewrite.variant == "reused base, bias"
     assert rewrite.dense_bytes_avoided == 12 * 12 * 4
+    counts = report.graphs[0].pass_counts
+    assert list(counts) == ["dora_linear", "quantized_norm", "dead_code"]
+    assert counts["dora_linear"] == 1 and counts["quantized_norm"] == 0 and counts["dead_code"] > 0
 
 
 @pytest.mark.parametrize(
@@ -74,6 +77,7 @@ def test_lookalikes_are_left_alone_and_reported(kwargs, reason):
     assert report.rewrites == []
     (miss,) = report.near_misses
     assert reason in miss.reason
+    assert report.graphs[0].pass_counts == {"dora_linear": 0, "quantized_norm": 0, "dead_code": 0}
 
 
 def test_dense_product_in_a_graph_of_its_own_is_reported():

@@ -2,24 +2,27 @@
 
 With :mod:`dora_fx.compat`'s stand-in for PEFT's ``dequantize_module_weight``, Dynamo traces a DoRA
 layer over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base with the dequantization inline, and
-:mod:`dora_fx.passes.dora_linear` matches the region with ``W`` being that dequantization.
+:mod:`dora_fx.passes.dora_linear` rewrites the region with ``W`` being that dequantization. This pass
+runs after it, on the norms it emitted.
 
-Matches (the norm's ``W``, found by :mod:`dora_fx.passes.dora_linear`)::
+Matches::
 
+    norm = dora_fx.cached_weight_norm(W, A, B, s, False)
     W = bitsandbytes.dequantize_4bit(packed.data, absmax, blocksize, quant_type, shape, dtype)
     W = bitsandbytes.int8_vectorwise_dequant(weight.data, scales)
 
-Rewrite to::
+Rewrite to (reusing the norm while the weights are unchanged, like ``cached_weight_norm``)::
 
-    norm = dora_fx.weight_norm_4bit(packed, absmax, blocksize, quant_type, shape, dtype, A, B, s)
-    norm = dora_fx.weight_norm_int8(weight, scales, A, B, s)
+    norm = dora_fx.weight_norm_4bit(packed, absmax, blocksize, quant_type, shape, dtype, A, B, s, reuse=True)
+    norm = dora_fx.weight_norm_int8(weight, scales, A, B, s, reuse=True)
 
 so the norm never holds the dense ``[d_out, d_in]`` weight (:mod:`dora_fx.quantized`). The
 dequantization stays only where something else reads it: the recomputed base GEMM of PEFT's dropout
-path, ``linear(dropout(x), W)``.
+path, ``linear(dropout(x), W)``; elsewhere :mod:`dora_fx.passes.dead_code` erases it.
 
 A torchao weight (``W = weight.dequantize()``, traced through torchao's tensor subclass) keeps
-``dora_fx.weight_norm`` on the dequantized ``W``: the dense ``B·A`` is gone, the dense ``W`` is not.
+``cached_weight_norm`` on the dequantized ``W``: the dense ``B·A`` is gone, the dense ``W`` is not.
+The report says so in the rewrite's variant, as it names the bitsandbytes format of the others.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from dora_fx.passes.records import GraphRewrites, PassResult
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedNorm:
     """The norm op for a quantized ``W``, its arguments before ``(A, B, s)``, and the report label."""
 
-    op: torch._ops.OpOverload | None  # None: the plain weight_norm on the dequantized weight
+    op: torch._ops.OpOverload | None  # None: the plain norm on the dequantized weight
     weight_args: tuple
     label: str
 
@@ -85,3 +90,38 @@ def quantized_norm(weight: fx.Node, fan_in_fan_out: bool) -> QuantizedNorm | Non
             "int8 base",
         )
     return None
+
+
+class QuantizedNormPass:
+    """The pass that gives each rewritten region's norm over a bitsandbytes weight the op reading the
+    quantized weight. It counts the norms it replaced (a torchao weight's norm is only labelled)."""
+
+    name = "quantized_norm"
+
+    def run(self, gm: fx.GraphModule, rewrites: GraphRewrites) -> PassResult:
+        matched = 0
+        for region in rewrites.regions:
+            norm = region.norm
+            if norm.target is not torch.ops.dora_fx.cached_weight_norm.default:
+                continue
+            weight, lora_A, lora_B, scaling, fan_in_fan_out = norm.args
+            found = quantized_norm(weight, fan_in_fan_out)
+            if found is None:
+                continue
+            if found.op is None:
+                region.refine_norm(found.label)
+                continue
+            with gm.graph.inserting_before(norm):
+                replacement = gm.graph.call_function(found.op, (*found.weight_args, lora_A, lora_B, scaling, True))
+            value = norm.meta["val"]
+            with value.fake_mode:  # the quantized ops compute in float32 whatever the weight's dtype
+                new_value = value.new_empty(value.shape, dtype=torch.float32)
+            replacement.meta.update(val=new_value, nn_module_stack=norm.meta.get("nn_module_stack", {}))
+            for user in norm.users:
+                if user.meta.get("val") is value:  # the .detach() of a training graph
+                    user.meta["val"] = new_value
+            norm.replace_all_uses_with(replacement)
+            rewrites.maybe_dead += [norm, weight, *weight.all_input_nodes]
+            region.refine_norm(found.label, replacement)
+            matched += 1
+        return PassResult(matched)
