@@ -522,7 +522,7 @@ def _raise(message):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """Route every op call to its (patched) Triton kernel, as on CUDA; forget earlier failure reports."""
-    monkeypatch.setattr(dispatch, "_on_cuda", lambda args: True)
+    monkeypatch.setattr(dispatch, "has_kernel", lambda args: True)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "_reported_failures", set())
     monkeypatch.setattr(dispatch, "fallbacks", collections.Counter())
@@ -554,10 +554,10 @@ def test_every_fallback_is_counted_though_reported_once(fake_cuda):
     from dora_fx.kernels import norm as norm_kernels
 
     args = _norm_args()
-    fake_cuda.setattr(dispatch, "_on_cuda", lambda args: False)
+    fake_cuda.setattr(dispatch, "has_kernel", lambda args: False)
     dispatch.call("weight_norm", *args)  # the reference path by choice is no fallback
     assert not dispatch.fallbacks
-    fake_cuda.setattr(dispatch, "_on_cuda", lambda args: True)
+    fake_cuda.setattr(dispatch, "has_kernel", lambda args: True)
     fake_cuda.setattr(norm_kernels, "weight_norm", _raise("launch failed"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
