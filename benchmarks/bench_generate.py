@@ -29,6 +29,7 @@ import time
 
 import _common as C  # first: it puts this checkout on sys.path, ahead of any installed dora_fx
 import torch
+from transformers import StaticCache
 
 import bench_model
 import dora_fx
@@ -36,10 +37,14 @@ import dora_fx
 TARGETS = {"vs_lora_compiled": 0.9, "vs_dora_eager": 4.0}  # tokens/s ratios, CUDA graphs mode
 
 
-def _generate(model, prompt: torch.Tensor, new: int):
+def _generate(model, prompt: torch.Tensor, new: int, cache: StaticCache):
+    """Greedy ``generate()`` into ``cache``, emptied first: the same cache tensors on every call, as a
+    CUDA graph needs. ``use_cache`` is explicit: the stacks' configs switch the cache off for training,
+    and ``generate()`` without it feeds the whole sequence at every step (no KV cache at all)."""
+    cache.reset()
     return model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-        do_sample=False, cache_implementation="static", disable_compile=True, pad_token_id=0,
+        do_sample=False, use_cache=True, past_key_values=cache, disable_compile=True, pad_token_id=0,
     )
 
 
@@ -62,6 +67,12 @@ def _first_difference(tokens: torch.Tensor, reference: torch.Tensor) -> int | No
     return None if differs.numel() == 0 else int(differs[0])
 
 
+def _compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process: a static cache needs two per batch size (the prefill
+    and the decoding step); more means shapes or guards changed from token to token."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def _compiled_in_place(peft_model, backend, mode: str):
     """``peft_model`` with its transformers model's forward compiled; undo with ``_restore``."""
     inner = peft_model.get_base_model()
@@ -79,14 +90,17 @@ def measure(name: str, model, prompts: dict[int, torch.Tensor], args, device, re
     rows = []
     for batch, prompt in prompts.items():
         row = {"contender": name, "batch": batch}
+        graphs_before = _compiled_graphs()
         try:
+            cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.new)
             with context() if context else contextlib.nullcontext():
-                _, prefill_s = _timed(lambda: _generate(model, prompt, 1), device, args.repeats)
-                tokens, total_s = _timed(lambda: _generate(model, prompt, args.new), device, args.repeats)
+                _, prefill_s = _timed(lambda: _generate(model, prompt, 1, cache), device, args.repeats)
+                tokens, total_s = _timed(lambda: _generate(model, prompt, args.new, cache), device, args.repeats)
             tokens = tokens[:, prompt.shape[1]:].cpu()
             reference.setdefault(batch, tokens)
             row |= {"first_token_ms": 1e3 * prefill_s, "tokens_per_s": args.new * batch / total_s,
-                    "first_difference": _first_difference(tokens, reference[batch])}
+                    "first_difference": _first_difference(tokens, reference[batch]),
+                    "graphs_compiled": _compiled_graphs() - graphs_before}
         except Exception as exc:  # a contender that fails is a result, not the end of the run
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         print(f"  {name} batch {batch}: {row}", flush=True)
@@ -102,7 +116,6 @@ def run(args, save=lambda rows: None) -> list[dict]:
     seed = 1000 + args.rank
     dora = bench_model.build_model(args, args.rank, device, seed).eval()
     adapters = bench_model.lora_adapters(dora)
-    dora.config.use_cache = True
     dora_reference: dict[int, torch.Tensor] = {}  # dora_eager's tokens per batch size
     reference = dora_reference
     rows = measure("dora_eager", dora, prompts, args, device, reference)
@@ -115,7 +128,6 @@ def run(args, save=lambda rows: None) -> list[dict]:
     del dora
     C.free(device)
     lora = bench_model.build_model(args, args.rank, device, seed, adapters).eval()
-    lora.config.use_cache = True
     reference = {}  # lora_eager's tokens per batch size
     rows += measure("lora_eager", lora, prompts, args, device, reference)
     save(rows)
@@ -128,7 +140,6 @@ def run(args, save=lambda rows: None) -> list[dict]:
     C.free(device)
     if args.caching:  # last: the slowest contender
         dora = bench_model.build_model(args, args.rank, device, seed).eval()
-        dora.config.use_cache = True
         from peft.helpers import DoraCaching
 
         rows += measure("dora_caching", dora, prompts, args, device, dora_reference, context=DoraCaching)
@@ -148,14 +159,14 @@ def _difference(row: dict) -> str:
 
 
 def print_report(rows: list[dict], args) -> None:
-    header = ["contender", "batch", "first token ms", "tokens/s", "/ lora_compiled", "first difference", "error"]
+    header = ["contender", "batch", "first token ms", "tokens/s", "/ lora_compiled", "first difference", "graphs", "error"]
     lines = []
     for row in rows:
         mode = row["contender"].partition("/")[2] or args.modes[-1]
         floor = _get(rows, f"lora_compiled/{mode}", row["batch"])
         lines.append([row["contender"], row["batch"], C.fmt(row.get("first_token_ms"), ".2f"),
                       C.fmt(row.get("tokens_per_s"), ".1f"), C.fmt(bench_model._ratio(row.get("tokens_per_s"), floor), ".3f"),
-                      _difference(row), row.get("error", "")])
+                      _difference(row), row.get("graphs_compiled", "-"), row.get("error", "")])
     print(C.table(header, lines))
     mode = "reduce-overhead" if "reduce-overhead" in args.modes else args.modes[-1]
     for batch in args.batches:
