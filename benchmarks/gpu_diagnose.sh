@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One device call on one H200 (device kind nvidia-h200): the CUDA tests and where the 512-token train
-# step's time goes, in at most ${TOTAL:-420} s.
+# One device call on one H200 (device kind nvidia-h200): the CUDA tests, where the 512-token train
+# step's time goes, and (optionally) the small-batch and generation benchmarks, in at most ${TOTAL:-420} s.
 #   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s;
-#   2. profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time, traces);
-#   3. norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
+#   2. profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
+#      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz);
+#   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
+#   4. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
+#   5. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
 source benchmarks/gpu_common.sh
 TOTAL=${TOTAL:-420}
@@ -16,6 +19,17 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   echo $((s > 1 ? s : 1))
 }
 TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
-TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
-TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py --kernels --out "$OUT/norm_host_cost.json"
+if [ -n "${OUTPUT_CODE:-}" ]; then
+  TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log TAIL=60 run_step "$LOG" profile_step "$(left 200)" \
+    python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
+  gzip -f "$OUT/output_code.log"
+else
+  TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
+fi
+[ -n "${SMALL:-}" ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py \
+  --out "$OUT/small_batch.json"
+[ -n "${GENERATE:-}" ] && TAIL=30 run_step "$LOG" generate "$(left)" python3 benchmarks/bench_generate.py \
+  --out "$OUT/generate.json" ${GEN_ARGS:-}
+[ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
+  --kernels --out "$OUT/norm_host_cost.json"
 cat "$LOG"
