@@ -74,10 +74,32 @@ def _compiled_graphs() -> int:
 
 
 def _compiled_in_place(peft_model, backend, mode: str):
-    """``peft_model`` with its transformers model's forward compiled; undo with ``_restore``."""
+    """``peft_model`` with its transformers model's forward compiled; undo with ``_restore``.
+
+    The logits are copied out of each call: under CUDA graphs an output lives in the graph's memory
+    until the next replay, and ``generate()`` reads the last step's logits after it.
+    """
     inner = peft_model.get_base_model()
-    inner.forward = torch.compile(inner.forward, backend=backend, mode=None if mode == "default" else mode)
+    compiled = torch.compile(inner.forward, backend=backend, mode=None if mode == "default" else mode)
+
+    def forward(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        out.logits = out.logits.clone()
+        return out
+
+    inner.forward = forward
     return peft_model
+
+
+def _static_cache(peft_model, prompt: torch.Tensor, length: int) -> StaticCache:
+    """A static cache of ``length`` tokens for ``prompt``'s batch, its tensors allocated by one eager
+    forward (allocated inside a compiled prefill they would not be marked static, and every CUDA
+    graph that writes them would be skipped)."""
+    cache = StaticCache(config=peft_model.config, max_cache_len=length)
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        type(inner).forward(inner, input_ids=prompt[:, :1], past_key_values=cache, use_cache=True)
+    return cache
 
 
 def _restore(peft_model) -> None:
@@ -92,7 +114,7 @@ def measure(name: str, model, prompts: dict[int, torch.Tensor], args, device, re
         row = {"contender": name, "batch": batch}
         graphs_before = _compiled_graphs()
         try:
-            cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.new)
+            cache = _static_cache(model, prompt, args.prompt + args.new)
             with context() if context else contextlib.nullcontext():
                 _, prefill_s = _timed(lambda: _generate(model, prompt, 1, cache), device, args.repeats)
                 tokens, total_s = _timed(lambda: _generate(model, prompt, args.new, cache), device, args.repeats)
