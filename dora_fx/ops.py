@@ -287,9 +287,7 @@ def _input_gradients(ctx, grad_out, adapted, magnitude, norm):
         return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        # out = g·result - (g - 1)·bias + ..., so d out / d bias = -(g - 1) per feature.
-        g_minus_1 = (magnitude.float() - norm.float()) / norm.float()
-        grad_bias = (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(ctx.bias_dtype)
+        grad_bias = reference.bias_gradient(grad_out, magnitude, norm, ctx.bias_dtype)
     return grad_main, None, grad_bias, grad_lora, grad_magnitude, None, None
 
 
