@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import dora_fx
-from dora_fx import quantized
+from dora_fx import norm_cache, quantized
 from dora_fx.examples import models
 from dora_fx.examples.models import LLAMA_TARGETS
 
@@ -172,7 +172,7 @@ def run_norm(args: argparse.Namespace, device: torch.device) -> list[dict]:
                                 ("dora_fx, ||W||² cached", dora_fx_norm, False)):
             def call(fn=fn, clear=clear, layer=layer):
                 if clear:
-                    quantized.clear()
+                    norm_cache.clear()
                 return fn(layer)
 
             call()

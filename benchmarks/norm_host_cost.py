@@ -82,7 +82,7 @@ def main() -> None:
     pieces = {
         "mm bf16 W·Aᵀ": lambda w, a, b, sq: w @ a.T,
         "mm.dtype W·Aᵀ (fp32 out)": lambda w, a, b, sq: reference.matmul_float32(w, a.T),
-        "GEMM-path norm (W² given)": lambda w, a, b, sq: dispatch.call("weight_norm", w, a, b, s, False, sq),
+        "GEMM-path norm (W² given)": lambda w, a, b, sq: dispatch.weight_norm(w, a, b, s, False, sq),
         "cached_weight_norm op, hit": lambda w, a, b, sq: torch.ops.dora_fx.cached_weight_norm(w, a, b, s, False),
     }
     rows = []

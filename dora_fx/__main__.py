@@ -14,15 +14,17 @@ import pathlib
 import torch
 
 from dora_fx import saved
-from dora_fx.examples import demo, models
 from dora_fx.audit import audit
+from dora_fx.examples import EXAMPLES
 
 _EXAMPLE_DEFAULTS = {"rank": 8, "layers": 2, "dropout": 0.0}
 
 
 def _model_and_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.nn.Module, dict]:
     generator = torch.Generator().manual_seed(0)
-    if args.model in models.EXAMPLES:
+    if args.model in EXAMPLES:
+        from dora_fx.examples import models
+
         if args.base is not None:
             parser.error("--base applies to a saved adapter (--model DIR), not to a built-in example")
         settings = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in _EXAMPLE_DEFAULTS.items()}
@@ -30,7 +32,7 @@ def _model_and_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser)
         return example.model, example.make_inputs(generator)
     if not pathlib.Path(args.model).exists():
         parser.error(
-            f"--model {args.model!r} is neither a built-in example ({', '.join(models.EXAMPLES)}) nor a folder "
+            f"--model {args.model!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor a folder "
             "holding a PEFT adapter saved with save_pretrained"
         )
     given = [f"--{k}" for k in _EXAMPLE_DEFAULTS if getattr(args, k) is not None]
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     audit_parser = commands.add_parser("audit", help="show what the dora backend rewrites in a model")
     audit_parser.add_argument(
         "--model", default="llama", metavar="NAME|DIR",
-        help=f"a built-in example ({', '.join(models.EXAMPLES)}; default llama) or a folder holding a PEFT "
+        help=f"a built-in example ({', '.join(EXAMPLES)}; default llama) or a folder holding a PEFT "
         "adapter saved with save_pretrained",
     )
     audit_parser.add_argument(
@@ -70,12 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     audit_parser.add_argument("--train", action="store_true", help="trace in train() mode (with --dropout: the dropout variant)")
     audit_parser.add_argument("--dump", metavar="DIR", help="write each region's FX code before/after to DIR")
     audit_parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    audit_parser.set_defaults(run=lambda args: _audit_command(args, audit_parser))
-    demo.add_arguments(commands.add_parser("demo", help="compile a PEFT DoRA model and compare with eager PEFT"))
-    args = parser.parse_args(argv)
+    # The demo's own parser reads the demo's arguments (``demo --help`` lists them), so the audit
+    # command imports neither the demo nor, for a saved adapter, the example models.
+    commands.add_parser("demo", help="compile a PEFT DoRA model and compare with eager PEFT", add_help=False)
+    args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    args.run(args)
+    if args.command == "demo":
+        from dora_fx.examples import demo
 
+        demo.main(rest, prog="python -m dora_fx demo")
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _audit_command(args, audit_parser)
 
 if __name__ == "__main__":
     main()

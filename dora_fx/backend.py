@@ -1,8 +1,18 @@
-"""The ``torch.compile`` backend: rewrite DoRA regions, then hand the graph to the inner compiler."""
+"""The ``torch.compile`` backend: rewrite DoRA regions, then hand the graph to the inner compiler.
+
+The PEFT stand-ins of :mod:`dora_fx.compat` change what Dynamo traces for every backend, so they are
+registered when a dora_fx backend is first used, not when dora_fx is imported: when a
+:class:`DoraBackend` is made, and when :func:`dora_backend` is first looked up (``dora_fx.dora_backend``,
+``from dora_fx import dora_backend``, or ``backend="dora"`` through the entry point). Both come
+before Dynamo traces anything for that backend, as they must: Dynamo calls a backend only after
+tracing a graph, too late to keep PEFT's helpers from breaking it. Until then, ``backend="inductor"``
+and other backends trace PEFT as they would without dora_fx.
+"""
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -161,13 +171,26 @@ def last_report() -> Report:
     return _last_report
 
 
-def dora_backend(
+def _dora_backend(
     gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None, options: dict | None = None
 ) -> Callable:
     """``torch.compile(model, backend=dora_backend)`` (or ``backend="dora"``): rewrite DoRA regions,
     compile with Inductor. ``torch.compile``'s ``mode`` and ``options`` reach Inductor as they would
     with ``backend="inductor"``."""
-    return _default_backend(gm, example_inputs, mode=mode, options=options)
+    return _default_backend()(gm, example_inputs, mode=mode, options=options)
 
 
-_default_backend = DoraBackend()
+_dora_backend.__name__ = _dora_backend.__qualname__ = "dora_backend"
+
+
+@functools.cache
+def _default_backend() -> DoraBackend:
+    return DoraBackend()
+
+
+def __getattr__(name: str):
+    """``dora_backend``, looked up: the first lookup registers the PEFT stand-ins (see the module docstring)."""
+    if name == "dora_backend":
+        compat.install()
+        return _dora_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def install() -> bool:
-    """Register the stand-in once; returns whether PEFT was found and the stand-in registered."""
+    """Register the stand-ins once; returns whether PEFT was found and the stand-ins registered.
+
+    Called when a dora_fx backend is first used (:mod:`dora_fx.backend`), not at import: from then
+    on they apply to every backend in the process."""
     try:
         from peft.utils import integrations
     except ImportError:

@@ -152,4 +152,10 @@ def row_squares(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
         w_rows = weight.T if fan_in_fan_out else weight
         return torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
 
-    return _squares.get_or_compute((weight,), fan_in_fan_out, compute)
+    return kept_row_squares(weight, fan_in_fan_out, compute)
+
+
+def kept_row_squares(stored: torch.Tensor, layout: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``||W_i||²`` of a frozen ``W`` held in ``stored`` (read as ``layout`` says: transposed, packed
+    4-bit, ...), from ``compute()`` once while ``stored`` is unchanged."""
+    return _squares.get_or_compute((stored,), layout, compute)

@@ -105,7 +105,7 @@ def _check_compose_inputs(
 @torch.library.triton_op("dora_fx::weight_norm", mutates_args=())
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
     _check_norm_inputs(weight, lora_A, lora_B, fan_in_fan_out)
-    return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    return dispatch.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
 
 
 def _no_gradient(ctx, *grads):
@@ -136,7 +136,7 @@ def recomputed_weight_norm(
     with torch.no_grad():
         if row_squares is None:
             row_squares = norm_cache.row_squares(weight, fan_in_fan_out)
-        return dispatch.call("weight_norm", weight, lora_A, lora_B, scaling, fan_in_fan_out, row_squares)
+        return dispatch.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, row_squares)
 
 
 def cached_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
@@ -225,7 +225,7 @@ def compose(
     scaling: float,
 ) -> Tensor:
     _check_compose_inputs(result, base, bias, lora, magnitude, norm)
-    return dispatch.call("compose", result, base, bias, lora, magnitude, norm, scaling)
+    return dispatch.compose(result, base, bias, lora, magnitude, norm, scaling)
 
 
 @torch.library.triton_op("dora_fx::compose_with_adapted", mutates_args=())
@@ -239,7 +239,7 @@ def compose_with_adapted(
     scaling: float,
 ) -> tuple[Tensor, Tensor]:
     _check_compose_inputs(result, base, bias, lora, magnitude, norm)
-    return dispatch.call("compose_with_adapted", result, base, bias, lora, magnitude, norm, scaling)
+    return dispatch.compose_with_adapted(result, base, bias, lora, magnitude, norm, scaling)
 
 
 @torch.library.triton_op("dora_fx::compose_backward", mutates_args=())
@@ -254,8 +254,8 @@ def compose_backward(
     lora_dtype: torch.dtype,
     from_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.call(
-        "compose_backward", grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype, from_output
+    return dispatch.compose_backward(
+        grad_out, adapted, magnitude, norm, scaling, base_given, main_dtype, lora_dtype, from_output
     )
 
 
@@ -287,9 +287,7 @@ def _input_gradients(ctx, grad_out, adapted, magnitude, norm):
         return grad_out, grad_main, None, grad_lora, grad_magnitude, None, None
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        # out = g·result - (g - 1)·bias + ..., so d out / d bias = -(g - 1) per feature.
-        g_minus_1 = (magnitude.float() - norm.float()) / norm.float()
-        grad_bias = (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(ctx.bias_dtype)
+        grad_bias = reference.bias_gradient(grad_out, magnitude, norm, ctx.bias_dtype)
     return grad_main, None, grad_bias, grad_lora, grad_magnitude, None, None
 
 
@@ -346,7 +344,7 @@ def compose_saving_output(
     fan_in_fan_out: bool,
 ) -> Tensor:
     _check_compose_inputs(result, None, None, lora, magnitude, norm)
-    return dispatch.call("compose", result, None, None, lora, magnitude, norm, scaling)
+    return dispatch.compose(result, None, None, lora, magnitude, norm, scaling)
 
 
 def _compose_saving_output_setup_context(ctx, inputs, output):
@@ -393,7 +391,7 @@ def zero_magnitude_grad(
 ) -> Tensor:
     args = (grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out)
     if dispatch.has_kernel(args):  # one launch, made by Inductor's code in compiled graphs
-        return dispatch.call("zero_magnitude_grad", *args)
+        return dispatch.zero_magnitude_grad(*args)
     return torch.ops.dora_fx.zero_magnitude_grad_reference(*args)
 
 

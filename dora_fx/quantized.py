@@ -189,9 +189,6 @@ def weight_norm(weight: Packed4bit | Int8Rows, lora_A: Tensor, lora_B: Tensor, s
     return out.clamp_min_(0.0).sqrt_()
 
 
-_squares = norm_cache.VersionedCache()
-
-
 def _compute_row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
     d_out, _ = weight.shape
     squares = torch.empty(d_out, dtype=torch.float32, device=weight.stored.device)
@@ -209,11 +206,6 @@ def row_squares(weight: Packed4bit | Int8Rows) -> Tensor:
     Reused while the packed weight is the same tensor with the same storage and autograd version
     counter (bitsandbytes re-quantizing makes a new parameter; an in-place write bumps the version).
     Not cached for inference tensors (no version counter) or during CUDA graph capture. Writes
-    through ``.data`` bypass the version counter: call :func:`clear` after them.
+    through ``.data`` bypass the version counter: call :func:`dora_fx.norm_cache.clear` after them.
     """
-    return _squares.get_or_compute((weight.stored,), weight.layout, lambda: _compute_row_squares(weight))
-
-
-def clear() -> None:
-    """Forget every cached ``||W||²``."""
-    _squares.clear()
+    return norm_cache.kept_row_squares(weight.stored, weight.layout, lambda: _compute_row_squares(weight))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import unittest.mock
 
 import torch
 import torch.fx as fx
 
 import dora_fx
+from dora_fx.passes import pipeline
 from dora_fx.examples.models import Example
 
 
@@ -47,11 +50,25 @@ def zero_grads(model) -> None:
         p.grad = None
 
 
+def op_counts(gm: fx.GraphModule) -> collections.Counter:
+    """How often each op (``call_function`` or ``call_method`` target) occurs in ``gm``'s own graph
+    (not in the graphs nested in it)."""
+    return collections.Counter(n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
 class RecordingBackend:
-    """A dora_fx backend whose inner compiler records each rewritten graph, then runs aot_eager."""
+    """A dora_fx backend that records graphs, as vLLM's pass tests do, then compiles with aot_eager.
+
+    ``before[name]`` and ``after[name]``: a copy of each graph (and of each graph nested in it, in
+    :func:`dora_fx.passes.pipeline.run_passes`'s order) just before and after the pass ``name`` of
+    :data:`dora_fx.passes.pipeline.PASSES` ran on it. ``graphs``: each graph as the inner compiler
+    gets it (rewritten, the reused norms lifted into inputs).
+    """
 
     def __init__(self, **kwargs):
         self.graphs: list[fx.GraphModule] = []
+        self.before: dict[str, list[fx.GraphModule]] = collections.defaultdict(list)
+        self.after: dict[str, list[fx.GraphModule]] = collections.defaultdict(list)
         self.backend = dora_fx.DoraBackend(inner=self._inner, **kwargs)
 
     def _inner(self, gm, example_inputs):
@@ -59,11 +76,26 @@ class RecordingBackend:
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     def __call__(self, gm, example_inputs):
-        return self.backend(gm, example_inputs)
+        recorded = tuple(_RecordedPass(graph_pass, self) for graph_pass in pipeline.PASSES)
+        with unittest.mock.patch.object(pipeline, "PASSES", recorded):
+            return self.backend(gm, example_inputs)
 
     @property
     def report(self):
         return self.backend.report
+
+
+class _RecordedPass:
+    """A pass of the pipeline that copies the graph into its recorder before and after running."""
+
+    def __init__(self, graph_pass, recorder: RecordingBackend):
+        self.graph_pass, self.recorder, self.name = graph_pass, recorder, graph_pass.name
+
+    def run(self, gm: fx.GraphModule, rewrites):
+        self.recorder.before[self.name].append(copy.deepcopy(gm))
+        result = self.graph_pass.run(gm, rewrites)
+        self.recorder.after[self.name].append(copy.deepcopy(gm))
+        return result
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import dora_fx
+from dora_fx import compat
 from dora_fx.examples import models
 from tests.helpers import assert_close_all, differentiable_inputs, fresh, step, zero_grads
 
@@ -15,10 +20,42 @@ def test_backend_is_registered_as_dora():
 
 
 def test_peft_dora_llama_traces_without_graph_breaks():
+    """With the PEFT stand-ins registered (as every dora_fx backend does), any backend, Dynamo's
+    ``explain`` included, traces a PEFT DoRA Llama as one graph."""
+    compat.install()
     example = models.build("llama")
     explanation = torch._dynamo.explain(example.model)(**example.make_inputs(torch.Generator()))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+_FIRST_USE = """
+import sys
+import torch
+import dora_fx, dora_fx.__main__, dora_fx.audit
+from dora_fx import compat
+
+def installed():
+    return compat.install.cache_info().currsize == 1
+
+assert not installed(), "import dora_fx registered the PEFT stand-ins"
+assert not [m for m in sys.modules if m.startswith("dora_fx.examples.")], "runtime modules import the examples"
+torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))
+assert not installed(), "another backend registered the PEFT stand-ins"
+backend = {"name": "'dora'", "function": "dora_fx.dora_backend", "class": "dora_fx.DoraBackend(inner='eager')"}
+compiled = torch.compile(lambda x: x * 2, backend=eval(backend[sys.argv[1]]))
+assert installed(), "the stand-ins are not registered before Dynamo traces"
+compiled(torch.ones(2))
+"""
+
+
+@pytest.mark.parametrize("given_as", ["name", "function", "class"])
+def test_peft_stand_ins_are_registered_at_first_use_not_import(given_as):
+    """``import dora_fx`` (and the CLI and audit modules) leave Dynamo as it is, for every backend
+    (and import no example code); a dora_fx backend, handed to ``torch.compile`` by name, as
+    ``dora_fx.dora_backend`` or as a ``DoraBackend``, registers the stand-ins before Dynamo traces."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_USE, given_as], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_inner_backend_errors_surface_unchanged():

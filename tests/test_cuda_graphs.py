@@ -29,7 +29,7 @@ def test_lifted_norms_replay_one_cuda_graph():
     bank = norm_inputs.NormInputs([spec])
 
     def eager():
-        return dispatch.call("weight_norm", *args, 0.5, False)
+        return dispatch.weight_norm(*args, 0.5, False)
 
     (norm,) = bank.norms(args)
     assert bank._graph is not None, "the norms were not captured"
@@ -113,5 +113,5 @@ def test_a_freed_capture_leaves_the_others_replaying():
         second_args[2].mul_(1.5)
     (norm,) = second.norms(second_args)
     torch.cuda.synchronize()
-    expected = dispatch.call("weight_norm", *second_args, 0.5, False)
+    expected = dispatch.weight_norm(*second_args, 0.5, False)
     torch.testing.assert_close(norm, expected, **SAME_NORM)

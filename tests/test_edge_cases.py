@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import sys
-import types
 import warnings
 
 import pytest
@@ -555,21 +554,24 @@ def test_every_fallback_is_counted_though_reported_once(fake_cuda):
 
     args = _norm_args()
     fake_cuda.setattr(dispatch, "has_kernel", lambda args: False)
-    dispatch.call("weight_norm", *args)  # the reference path by choice is no fallback
+    dispatch.weight_norm(*args)  # the reference path by choice is no fallback
     assert not dispatch.fallbacks
     fake_cuda.setattr(dispatch, "has_kernel", lambda args: True)
     fake_cuda.setattr(norm_kernels, "weight_norm", _raise("launch failed"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            torch.testing.assert_close(dispatch.call("weight_norm", *args), reference.weight_norm(*args))
+            torch.testing.assert_close(dispatch.weight_norm(*args), reference.weight_norm(*args))
     assert sum(issubclass(w.category, RuntimeWarning) for w in caught) == 1
     assert dispatch.fallbacks == collections.Counter({"weight_norm": 3})
 
 
 def test_kernel_module_that_fails_to_import_falls_back(fake_cuda):
     """A broken Triton can already fail when the kernel module is imported: same fallback."""
-    fake_cuda.setitem(dispatch._KERNEL_MODULE, "weight_norm", "dora_fx.kernels._missing_kernel_module")
+    import dora_fx.kernels
+
+    fake_cuda.delattr(dora_fx.kernels, "norm", raising=False)
+    fake_cuda.setitem(sys.modules, "dora_fx.kernels.norm", None)  # importing it raises ModuleNotFoundError
     args = _norm_args()
     with pytest.warns(RuntimeWarning, match="ModuleNotFoundError"):
         out = torch.ops.dora_fx.weight_norm(*args)
@@ -580,15 +582,13 @@ def test_compiled_training_survives_failing_kernels(fake_cuda):
     """All three kernels fail in a compiled training step (the compose ops are triton_ops, so their
     failure comes when torch.compile traces them; the norm's comes when the cached norm op first runs): the model still runs, equals eager PEFT, and each op warns once (a
     second step adds no warning)."""
-    kernels = types.SimpleNamespace(
-        weight_norm=_raise("norm launch failed"),
-        compose_with_adapted=_raise("compose launch failed"),
-        compose_backward=_raise("compose_backward launch failed"),
-    )
-    fake_cuda.setitem(sys.modules, "fake_dora_kernels", kernels)
+    from dora_fx.kernels import compose as compose_kernels
+    from dora_fx.kernels import norm as norm_kernels
+
+    fake_cuda.setattr(norm_kernels, "weight_norm", _raise("norm launch failed"))
+    fake_cuda.setattr(compose_kernels, "compose_with_adapted", _raise("compose launch failed"))
+    fake_cuda.setattr(compose_kernels, "compose_backward", _raise("compose_backward launch failed"))
     fake_cuda.setattr(dispatch, "TRACED_AS_REFERENCE", set())  # traced compose ops call their kernels too
-    for name in ("weight_norm", "compose_with_adapted", "compose_backward"):
-        fake_cuda.setitem(dispatch._KERNEL_MODULE, name, "fake_dora_kernels")
     model = sl.build().train()
     compiled, backend = sl.compile_aot(model)
     x = torch.randn(5, 16)

@@ -10,21 +10,21 @@ import torch
 import dora_fx
 from dora_fx import norm_cache
 from dora_fx.examples import models
-from dora_fx.kernels import reference
+from dora_fx.kernels import dispatch, reference
 from tests import single_layer as sl
 
 
 @pytest.fixture
 def norm_calls(monkeypatch):
-    """Counts the norms actually computed (cache misses)."""
+    """Counts the norms actually computed (cache misses): the calls the ops make to the kernel or reference."""
     calls = []
-    original = reference.weight_norm
+    original = dispatch.weight_norm
 
     def counting(*args):
         calls.append(args)
         return original(*args)
 
-    monkeypatch.setattr(reference, "weight_norm", counting)
+    monkeypatch.setattr(dispatch, "weight_norm", counting)
     norm_cache.clear()
     return calls
 

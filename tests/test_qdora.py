@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dora_fx import quantized
+from dora_fx import norm_cache, quantized
 from dora_fx.examples import models
 from dora_fx.kernels import reference
-from tests.helpers import RecordingBackend, assert_close_all, differentiable_inputs, fresh, relative_error, step
+from tests.helpers import RecordingBackend, assert_close_all, differentiable_inputs, fresh, op_counts, relative_error, step
 
 bnb = pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes (the `test` extra installs it)")
 
@@ -69,8 +69,11 @@ def test_llama_nf4_one_graph_without_dense_weights():
     assert len(backend.graphs) == 1 and backend.report.graph_breaks == {}
     assert len(backend.report.rewrites) == example.dora_layers == 14
     assert _dense_weight_nodes(backend.graphs[0], backend.report.rewrites) == []
-    targets = [n.target for n in backend.graphs[0].graph.nodes]
-    assert targets.count(torch.ops.dora_fx.weight_norm_4bit.default) == 14
+    # [0]: the outer graph (the graphs nested in it come after it)
+    before, after = backend.before["quantized_norm"][0], backend.after["quantized_norm"][0]
+    assert op_counts(before)[torch.ops.dora_fx.cached_weight_norm.default] == 14
+    assert op_counts(after)[torch.ops.dora_fx.weight_norm_4bit.default] == 14
+    assert op_counts(backend.after["dead_code"][0])[torch.ops.dora_fx.cached_weight_norm.default] == 0
     assert backend.report.graphs[0].pass_counts["quantized_norm"] == 14
 
 
@@ -115,7 +118,7 @@ def test_chunked_norm_equals_dense_norm_and_stays_in_bounded_chunks(
     seen_rows = []
     rows = quantized.Packed4bit.rows
     monkeypatch.setattr(quantized.Packed4bit, "rows", lambda self, a, b: seen_rows.append(b - a) or rows(self, a, b))
-    quantized.clear()
+    norm_cache.clear()
     norm = quantized.weight_norm(packed, lora_A, lora_B, scaling=1.5)
     torch.testing.assert_close(norm, reference.weight_norm(dense, lora_A, lora_B, 1.5, False), rtol=1e-5, atol=1e-6)
     step = packed.row_step()
@@ -145,7 +148,7 @@ def test_norm_op_transient_memory_is_bounded(monkeypatch):
     lora_A, lora_B = _lora(d_out, d_in, r)
     monkeypatch.setattr(quantized, "CHUNK_ELEMENTS", 64 * d_in)
     args = (param.data, packed.absmax, packed.blocksize, packed.quant_type, list(packed.shape), packed.dtype)
-    quantized.clear()
+    norm_cache.clear()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.ops.dora_fx.weight_norm_4bit(*args, lora_A, lora_B, 1.0)
     largest = max(e.cpu_memory_usage for e in prof.events())
@@ -159,7 +162,7 @@ def test_row_squares_computed_once_and_recomputed_when_the_weight_changes(monkey
     calls = []
     compute = quantized._compute_row_squares
     monkeypatch.setattr(quantized, "_compute_row_squares", lambda w: calls.append(1) or compute(w))
-    quantized.clear()
+    norm_cache.clear()
     first = quantized.weight_norm(packed, lora_A, lora_B, 1.0)
     quantized.weight_norm(packed, lora_A * 2, lora_B - 1, 3.0)  # another adapter: the same ||W||²
     assert len(calls) == 1
@@ -173,8 +176,6 @@ def test_row_squares_computed_once_and_recomputed_when_the_weight_changes(monkey
 
 
 def test_eval_without_grad_reuses_the_whole_norm_until_an_adapter_changes(monkeypatch):
-    from dora_fx import norm_cache
-
     example = models.build("mlp", quantized_base="nf4-dq")
     model = example.model.eval()
     inputs = example.make_inputs(torch.Generator().manual_seed(5))
@@ -290,7 +291,7 @@ def test_cuda_norm_transient_memory_for_a_4096_x_14336_nf4_layer():
     state = param.quant_state
     lora_A, lora_B = (t.cuda().to(torch.bfloat16) for t in _lora(d_out, d_in, r))
     args = (param.data, quantized.absmax_float(state), state.blocksize, state.quant_type, list(state.shape), state.dtype)
-    quantized.clear()
+    norm_cache.clear()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=2048 if gpu else 64)
     parser.add_argument("--repeats", type=int, default=20 if gpu else 5)
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
-    parser.set_defaults(run=run)
 
 
 def _sync(device: str) -> None:
@@ -109,9 +108,8 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"dora_fx demo: outputs differ from eager PEFT beyond {tolerance:g}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dora_fx.examples.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m dora_fx.examples.demo") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     run(parser.parse_args(argv))
 

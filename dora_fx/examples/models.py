@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-EXAMPLES = ("mlp", "llama", "gpt2")
+from dora_fx.examples import EXAMPLES
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # bitsandbytes bases (QDoRA): 4-bit NF4 / FP4, "-dq" with double quantization, and LLM.int8().
 QUANTIZED_BASES = ("nf4", "fp4", "nf4-dq", "fp4-dq", "int8")

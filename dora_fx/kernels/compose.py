@@ -30,7 +30,7 @@ import triton.language as tl
 from dora_fx import dtypes
 from dora_fx.kernels import launch, reference
 from dora_fx.kernels.launch import launchable, num_sms
-from dora_fx.kernels.reductions import column_sums, mma
+from dora_fx.kernels.reductions import column_sums, mma, mma_upcast
 
 log = logging.getLogger(__name__)
 
@@ -443,13 +443,12 @@ def zero_magnitude_grad(
     x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
     interpreting = launch.interpreting()
-    upcast = lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float16, torch.bfloat16) or interpreting
     block_n = 16
     launchable(_zero_magnitude_grad_kernel, grad_out)[(triton.cdiv(d_out, block_n),)](
         grad2, x2, weight, lora_A, lora_B, _vector(magnitude), _vector(norm), out, grad2.shape[0], d_out, d_in,
         lora_A.shape[0], float(scaling), grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         BLOCK_N=block_n, BLOCK_T=32 if interpreting else 64, BLOCK_K=32 if interpreting else 64, BLOCK_R=16,
-        UPCAST=upcast, num_warps=4,
+        UPCAST=mma_upcast(lora_A.dtype, lora_B.dtype), num_warps=4,
     )
     return out

@@ -37,7 +37,7 @@ import triton.language as tl
 from dora_fx import dtypes
 from dora_fx.kernels import launch, reference
 from dora_fx.kernels.launch import launchable
-from dora_fx.kernels.reductions import mma
+from dora_fx.kernels.reductions import mma, mma_upcast
 
 
 @triton.jit
@@ -168,12 +168,6 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(max(n, 1)))
 
 
-def _needs_upcast(a: torch.dtype, b: torch.dtype, interpreting: bool) -> bool:
-    """Whether ``mma`` must take float32 operands: mixed or float32 inputs, or bf16 when interpreting."""
-    native = a == b and a in (torch.float16, torch.bfloat16)
-    return not native or (interpreting and a == torch.bfloat16)
-
-
 @triton.jit
 def _gram_halves_kernel(g_ptr, out_ptr, r, BLOCK: tl.constexpr):
     """``out [r, 2r]`` (bf16) ``= [G_hi | G_lo]`` for a contiguous float32 ``G [r, r]``:
@@ -239,7 +233,7 @@ def weight_norm(
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback, BG_HALVES=halves,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if interpreting else 64,
-        DENSE_ROWS=16, DENSE_UPCAST=_needs_upcast(lora_B.dtype, lora_A.dtype, interpreting),
+        DENSE_ROWS=16, DENSE_UPCAST=mma_upcast(lora_B.dtype, lora_A.dtype),
         num_warps=4, num_stages=1,
     )
     return out

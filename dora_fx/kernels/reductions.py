@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from dora_fx.kernels import launch
 
 
 @triton.jit
@@ -30,10 +33,17 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
     ``UPCAST`` runs the product on float32 operands with ``tf32x3`` (about fp32 accuracy); it is used
-    for float32 or mixed-dtype inputs, and for bf16 under the Triton interpreter, whose ``tl.dot``
-    multiplies the raw bf16 bit patterns as integers (bf16 products are exact in fp32, so the
-    upcast changes nothing but the accumulation order).
+    for float32 or mixed-dtype inputs, and for any inputs under the Triton interpreter, whose ``tl.dot``
+    multiplies the raw bf16 bit patterns as integers (16-bit products are exact in fp32, so the
+    upcast changes nothing but the accumulation order); :func:`mma_upcast` decides.
     """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
+
+
+def mma_upcast(a: torch.dtype, b: torch.dtype) -> bool:
+    """:func:`mma`'s ``UPCAST`` for operands of dtypes ``a`` and ``b``: float32 or mixed operands, and
+    any operands under Triton's interpreter."""
+    native = a == b and a in (torch.float16, torch.bfloat16)
+    return not native or launch.interpreting()

@@ -253,3 +253,15 @@ def input_gradients(
     g = m / n
     main_factor = (m - n) / n if base_given else g
     return (main_factor * d).to(main_dtype), ((g * scaling) * d).to(lora_dtype)
+
+
+def bias_gradient(
+    grad_out: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The bias's gradient where PEFT reuses the base output (``base = result - bias``), in ``dtype``.
+
+    ``out = g·result - (g - 1)·bias + g·s·lora``, so ``∂out/∂bias = -(g - 1)`` per feature and the
+    gradient is ``-(g - 1)·Σ_tokens d``.
+    """
+    g_minus_1 = (magnitude.float() - norm.float()) / norm.float()
+    return (-(g_minus_1) * grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0)).to(dtype)

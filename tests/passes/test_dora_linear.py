@@ -9,7 +9,7 @@ from torch import nn
 
 import dora_fx
 from dora_fx.examples import models
-from tests.helpers import RecordingBackend
+from tests.helpers import RecordingBackend, op_counts
 
 
 class DoraLike(nn.Module):
@@ -48,11 +48,12 @@ def _compile_and_compare(module, x):
     out, ref = compiled(x), module(x)
     for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
         torch.testing.assert_close(a, b)
-    return backend.report
+    return backend
 
 
 def test_peft_formula_written_by_hand_is_rewritten():
-    report = _compile_and_compare(DoraLike(), torch.randn(5, 12))
+    backend = _compile_and_compare(DoraLike(), torch.randn(5, 12))
+    report = backend.report
     assert len(report.rewrites) == 1 and report.near_misses == []
     (rewrite,) = report.rewrites
     assert (rewrite.d_out, rewrite.d_in, rewrite.r, rewrite.scaling) == (12, 12, 3, 2.0)
@@ -61,6 +62,11 @@ def test_peft_formula_written_by_hand_is_rewritten():
     counts = report.graphs[0].pass_counts
     assert list(counts) == ["dora_linear", "quantized_norm", "dead_code"]
     assert counts["dora_linear"] == 1 and counts["quantized_norm"] == 0 and counts["dead_code"] > 0
+    (before,), (rewritten,), (after,) = backend.before["dora_linear"], backend.after["dora_linear"], backend.after["dead_code"]
+    assert op_counts(before)[torch.eye] == 1 and op_counts(after)[torch.eye] == 0
+    for gm in (rewritten, after):  # training: the magnitude's gradient keeps `adapted`
+        ops = op_counts(gm)
+        assert ops[torch.ops.dora_fx.cached_weight_norm.default] == ops[torch.ops.dora_fx.compose_with_adapted.default] == 1
 
 
 @pytest.mark.parametrize(
@@ -73,7 +79,7 @@ def test_peft_formula_written_by_hand_is_rewritten():
     ],
 )
 def test_lookalikes_are_left_alone_and_reported(kwargs, reason):
-    report = _compile_and_compare(DoraLike(**kwargs), torch.randn(5, 12))
+    report = _compile_and_compare(DoraLike(**kwargs), torch.randn(5, 12)).report
     assert report.rewrites == []
     (miss,) = report.near_misses
     assert reason in miss.reason
