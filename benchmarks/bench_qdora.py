@@ -41,9 +41,11 @@ from dora_fx.examples.models import LLAMA_TARGETS
 PEAK_MEMORY_TARGET = 0.70  # dora_fx fwd+bwd peak over PEFT eager's, at most
 SPEEDUP_TARGET = 1.5  # fwd+bwd, PEFT eager time over dora_fx's, at least
 NORM_TRANSIENT_TARGET_MIB = 64.0
+QLORA_TARGET = 1.10  # dora_fx fwd+bwd time and memory over QLoRA + Inductor's, at most (issue #13)
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+def build_model(args: argparse.Namespace, device: torch.device, use_dora: bool = True) -> nn.Module:
+    """The stack; ``use_dora=False`` gives QLoRA over the same quantized base with the same A and B."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +59,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     with torch.device(device):
         base = LlamaForCausalLM(config).to(dtype)
     models.quantize_linears(base, LLAMA_TARGETS, args.base, compute_dtype=dtype, device=device)
-    model = get_peft_model(base, models.dora_config(LLAMA_TARGETS, args.rank, dropout=0.0))
+    config = models.dora_config(LLAMA_TARGETS, args.rank, dropout=0.0)
+    config.use_dora = use_dora
+    model = get_peft_model(base, config)
     models.randomize_adapters(model, torch.Generator().manual_seed(args.seed + 1), b_std=args.b_std)
     models.cast_adapters(model, dtype)
     return model
@@ -126,9 +130,27 @@ def run_stack(args: argparse.Namespace, device: torch.device) -> list[dict]:
         rows += [{"mode": "fwd+bwd", "contender": name, **train, **extra},
                  {"mode": "fwd", "contender": name, **fwd, **extra}]
         C.free(device)
-    del model, contenders, batch
+    del model, contenders
     C.free(device)
+    rows += qlora_rows(args, batch, device)
     return rows
+
+
+def qlora_rows(args: argparse.Namespace, batch: dict, device: torch.device) -> list[dict]:
+    """The floor: plain LoRA over the same quantized base (QLoRA), + Inductor."""
+    print("  qlora_inductor", flush=True)
+    model = build_model(args, device, use_dora=False)
+    fn = torch.compile(model, backend="inductor")
+    try:
+        train, _ = train_cell(fn, model, batch, device, args.rep_ms)
+        fwd = forward_cell(fn, model, batch, device, args.rep_ms)
+    except Exception as exc:  # noqa: BLE001  (keep the other contenders' numbers; say what failed)
+        print(f"  qlora_inductor failed: {type(exc).__name__}: {exc}", flush=True)
+        train = fwd = {"ms": None, "peak_bytes": None, "error": f"{type(exc).__name__}: {exc}"}
+    del model, fn
+    C.free(device)
+    return [{"mode": "fwd+bwd", "contender": "qlora_inductor", **train},
+            {"mode": "fwd", "contender": "qlora_inductor", **fwd}]
 
 
 def peft_norm(layer, adapter: str = "default") -> torch.Tensor:
@@ -222,6 +244,10 @@ def print_report(payload: dict) -> None:
     print(C.target_line("fwd+bwd speed-up vs PEFT eager", _ratio(eager["fwd+bwd"]["ms"], dora["ms"]), SPEEDUP_TARGET))
     ratio = _ratio(dora["peak_bytes"], eager["fwd+bwd"]["peak_bytes"])
     print(C.target_line("fwd+bwd peak memory / PEFT eager's", ratio, PEAK_MEMORY_TARGET, at_least=False))
+    qlora = next((r for r in rows if r["contender"] == "qlora_inductor" and r["mode"] == "fwd+bwd"), {})
+    for what, key in (("time", "ms"), ("peak memory", "peak_bytes"), ("transient memory", "transient_bytes")):
+        print(C.target_line(f"fwd+bwd {what} / QLoRA + Inductor's", _ratio(dora.get(key), qlora.get(key)),
+                            QLORA_TARGET, at_least=False))
     if "norm_error" in payload:
         print(f"norm cell failed: {payload['norm_error']}")
     norm = next((r for r in n if r["contender"] == "dora_fx"), {})  # ||W||² recomputed: the first call's cost

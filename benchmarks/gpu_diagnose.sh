@@ -2,11 +2,14 @@
 # One device call on one H200 (device kind nvidia-h200): the CUDA tests, where the 512-token train
 # step's time goes, and (optionally) the small-batch and generation benchmarks, in at most ${TOTAL:-420} s.
 #   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s;
-#   2. profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
+#   2. unless PROFILE=0, profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
 #      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz);
 #   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
 #   4. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
-#   5. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
+#   5. with MODEL_512=1, bench_model.py at 1 x 512 tokens: LoRA + Inductor, dora_fx (norm recomputed and
+#      reused), fwd and fwd+bwd;
+#   6. with QDORA=1, bench_qdora.py ${QDORA_ARGS:-} (PEFT eager, dora_fx, QLoRA + Inductor);
+#   7. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
 source benchmarks/gpu_common.sh
 TOTAL=${TOTAL:-420}
@@ -18,8 +21,10 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
   echo $((s > 1 ? s : 1))
 }
-TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
-if [ -n "${OUTPUT_CODE:-}" ]; then
+[ "${TEST_LIMIT:-150}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
+if [ "${PROFILE:-1}" = 0 ]; then
+  :
+elif [ -n "${OUTPUT_CODE:-}" ]; then
   TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log TAIL=60 run_step "$LOG" profile_step "$(left 200)" \
     python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
   gzip -f "$OUT/output_code.log"
@@ -30,6 +35,10 @@ fi
   --out "$OUT/small_batch.json"
 [ -n "${GENERATE:-}" ] && TAIL=30 run_step "$LOG" generate "$(left)" python3 benchmarks/bench_generate.py \
   --out "$OUT/generate.json" ${GEN_ARGS:-}
+[ -n "${MODEL_512:-}" ] && TAIL=40 run_step "$LOG" model_512 "$(left 200)" python3 benchmarks/bench_model.py --seq 512 \
+  --contenders lora_inductor dora_fx dora_fx_cached --modes fwd fwd+bwd --profile-steps 0 --out "$OUT/model_512.json"
+[ -n "${QDORA:-}" ] && TAIL=40 run_step "$LOG" qdora "$(left)" python3 benchmarks/bench_qdora.py \
+  --out "$OUT/qdora.json" ${QDORA_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels --out "$OUT/norm_host_cost.json"
 cat "$LOG"
