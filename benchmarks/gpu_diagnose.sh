@@ -5,9 +5,9 @@
 #   2. unless PROFILE=0, profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
 #      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz);
 #   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
-#   4. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
-#   5. with MODEL_512=1, bench_model.py at 1 x 512 tokens: LoRA + Inductor, dora_fx (norm recomputed and
+#   4. with MODEL_512=1, bench_model.py at 1 x 512 tokens: LoRA + Inductor, dora_fx (norm recomputed and
 #      reused), fwd and fwd+bwd;
+#   5. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
 #   6. with QDORA=1, bench_qdora.py ${QDORA_ARGS:-} (PEFT eager, dora_fx, QLoRA + Inductor);
 #   7. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
@@ -33,10 +33,10 @@ else
 fi
 [ -n "${SMALL:-}" ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py \
   --out "$OUT/small_batch.json"
-[ -n "${GENERATE:-}" ] && TAIL=30 run_step "$LOG" generate "$(left)" python3 benchmarks/bench_generate.py \
-  --out "$OUT/generate.json" ${GEN_ARGS:-}
 [ -n "${MODEL_512:-}" ] && TAIL=40 run_step "$LOG" model_512 "$(left 200)" python3 benchmarks/bench_model.py --seq 512 \
   --contenders lora_inductor dora_fx dora_fx_cached --modes fwd fwd+bwd --profile-steps 0 --out "$OUT/model_512.json"
+[ -n "${GENERATE:-}" ] && TAIL=30 run_step "$LOG" generate "$(left)" python3 benchmarks/bench_generate.py \
+  --out "$OUT/generate.json" ${GEN_ARGS:-}
 [ -n "${QDORA:-}" ] && TAIL=40 run_step "$LOG" qdora "$(left)" python3 benchmarks/bench_qdora.py \
   --out "$OUT/qdora.json" ${QDORA_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
