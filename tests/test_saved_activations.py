@@ -69,11 +69,19 @@ def test_frozen_magnitude_keeps_no_output_sized_tensor():
     assert _output_sized(model, compiled, torch.float32) == []
 
 
+# With a bias or dropout, Inductor's partitioner keeps a second output-sized tensor (measured on one
+# H200, torch 2.11, 2026-12-02: [(9, 40), (9, 40)], before and after the #16 refactor alike): the
+# compose is traced as plain math there, and the partitioner chooses what it saves. Open in #13.
+_TWO_KEPT = pytest.mark.xfail(strict=True, reason="Inductor keeps a second output-sized tensor (issue #13)")
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("bias, dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])
+@pytest.mark.parametrize(
+    "bias, dropout",
+    [(False, 0.0), pytest.param(True, 0.0, marks=_TWO_KEPT), pytest.param(False, 0.1, marks=_TWO_KEPT)],
+)
 def test_cuda_inductor_keeps_one_output_sized_tensor_per_layer(bias, dropout):
-    """On CUDA, with Inductor: the Triton kernels are opaque to its partitioner, so what it keeps for
-    the compose backward is exactly ``adapted``."""
+    """On CUDA, with Inductor: what it keeps for the compose backward is one output-sized tensor."""
     model = sl.build(D_IN, D_OUT, bias=bias, dropout=dropout, dtype=torch.bfloat16).cuda().train()
     compiled = torch.compile(model, backend=dora_fx.dora_backend, fullgraph=True)
     assert _output_sized(model, compiled, torch.bfloat16, "cuda") == [(TOKENS, D_OUT)]
