@@ -22,14 +22,10 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   echo $((s > 1 ? s : 1))
 }
 [ "${TEST_LIMIT:-150}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
-if [ "${PROFILE:-1}" = 0 ]; then
-  :
-elif [ -n "${OUTPUT_CODE:-}" ]; then
-  TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log TAIL=60 run_step "$LOG" profile_step "$(left 200)" \
-    python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
-  gzip -f "$OUT/output_code.log"
-else
+if [ "${PROFILE:-1}" != 0 ]; then
+  [ -n "${OUTPUT_CODE:-}" ] && export TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log
   TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
+  [ -n "${OUTPUT_CODE:-}" ] && { unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log"; }
 fi
 [ -n "${SMALL:-}" ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py \
   --out "$OUT/small_batch.json"

@@ -98,36 +98,38 @@ def with_fallback(reference_fn: Callable) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def _norm_kernels():
+    from dora_fx.kernels import norm
+
+    return norm
+
+
+def _compose_kernels():
+    from dora_fx.kernels import compose
+
+    return compose
+
+
 @with_fallback(reference.weight_norm)
 def weight_norm(*args):
-    from dora_fx.kernels import norm as kernels
-
-    return kernels.weight_norm(*args)
+    return _norm_kernels().weight_norm(*args)
 
 
 @with_fallback(reference.compose)
 def compose(*args):
-    from dora_fx.kernels import compose as kernels
-
-    return kernels.compose(*args)
+    return _compose_kernels().compose(*args)
 
 
 @with_fallback(reference.compose_with_adapted)
 def compose_with_adapted(*args):
-    from dora_fx.kernels import compose as kernels
-
-    return kernels.compose_with_adapted(*args)
+    return _compose_kernels().compose_with_adapted(*args)
 
 
 @with_fallback(reference.compose_backward)
 def compose_backward(*args):
-    from dora_fx.kernels import compose as kernels
-
-    return kernels.compose_backward(*args)
+    return _compose_kernels().compose_backward(*args)
 
 
 @with_fallback(reference.zero_magnitude_grad)
 def zero_magnitude_grad(*args):
-    from dora_fx.kernels import compose as kernels
-
-    return kernels.zero_magnitude_grad(*args)
+    return _compose_kernels().zero_magnitude_grad(*args)
