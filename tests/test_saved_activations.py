@@ -72,7 +72,8 @@ def test_frozen_magnitude_keeps_no_output_sized_tensor():
 # With a bias or dropout, Inductor's partitioner keeps a second output-sized tensor (measured on one
 # H200, torch 2.11, 2026-12-02: [(9, 40), (9, 40)], before and after the #16 refactor alike): the
 # compose is traced as plain math there, and the partitioner chooses what it saves. Open in #13.
-_TWO_KEPT = pytest.mark.xfail(strict=True, reason="Inductor keeps a second output-sized tensor (issue #13)")
+# Not strict: what the partitioner keeps is that torch version's choice, and another may keep one.
+_TWO_KEPT = pytest.mark.xfail(strict=False, reason="Inductor (torch 2.11) keeps a second output-sized tensor (#13)")
 
 
 @pytest.mark.cuda
