@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on one H200 (device kind nvidia-h200): the CUDA tests, where the 512-token train
 # step's time goes, and (optionally) the small-batch and generation benchmarks, in at most ${TOTAL:-420} s.
-#   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s;
+#   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s (stopping at the first failure unless ALL_TESTS=1);
 #   2. unless PROFILE=0, profile_step.py at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
 #      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz);
 #   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
@@ -9,7 +9,8 @@
 #      reused), fwd and fwd+bwd;
 #   5. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
 #   6. with QDORA=1, bench_qdora.py ${QDORA_ARGS:-} (PEFT eager, dora_fx, QLoRA + Inductor);
-#   7. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer.
+#   7. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer;
+#   8. with HOST_PACE=1, host_pace.py at 1 x ${SEQ:-512} tokens: host enqueue time per contender.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
 source benchmarks/gpu_common.sh
 TOTAL=${TOTAL:-420}
@@ -21,7 +22,7 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
   echo $((s > 1 ? s : 1))
 }
-[ "${TEST_LIMIT:-150}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} -m cuda
+[ "${TEST_LIMIT:-150}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q $([ -n "${ALL_TESTS:-}" ] || echo -x) -p no:cacheprovider ${TESTS:-tests} -m cuda
 if [ "${PROFILE:-1}" != 0 ]; then
   [ -n "${OUTPUT_CODE:-}" ] && export TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log
   TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" --out "$OUT/profile"
@@ -37,4 +38,6 @@ fi
   --out "$OUT/qdora.json" ${QDORA_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels --out "$OUT/norm_host_cost.json"
+[ -n "${HOST_PACE:-}" ] && TAIL=20 run_step "$LOG" host_pace "$(left 240)" python3 benchmarks/host_pace.py \
+  --seq "${SEQ:-512}" --out "$OUT/host_pace.json"
 cat "$LOG"
