@@ -20,10 +20,16 @@ dora_fx reusing its cached norm in eval, forward only).
 - accum: ``--accum`` micro-batches, each forward + backward, then AdamW's step and ``zero_grad()``;
   time per micro-batch, the optimizer step included; dora_fx keeps its norm cache across the step.
 - time: median step (see ``_common.median_ms``) after the compiling first call; ratios to plain LoRA +
-  Inductor, PEFT eager and PEFT + Inductor (``rows[].vs``).
+  Inductor, PEFT eager and PEFT + Inductor (``rows[].vs``). With ``--interleave K`` both stacks stay on
+  the device and, after every contender has run, each fwd and fwd+bwd step is timed once per round in
+  ``K`` rounds, every contender in turn (the order rotated each round): ``ms`` is then the median of the
+  rounds (``ms_rounds``), ``ms_sequential`` the figure from the contender's own run. The host's pace
+  drifts by tens of percent over minutes, and at 512 tokens the host paces the step, so only
+  interleaved times compare there.
 - compile: wall time of the first call minus the median step, in a fresh Inductor/Triton cache,
   after one throw-away compile has paid the process's one-time costs.
-- memory: ``peak`` = ``max_memory_allocated`` during one step (weights included); ``transient`` =
+- memory: ``peak`` = ``max_memory_allocated`` during one step (the stack's weights included, the other
+  stack's, resident with ``--interleave``, left out); ``transient`` =
   that peak less what was allocated before the step and less the logits it returns; ``saved`` (forward
   + backward, on any device) = the activations autograd keeps for the backward (``_common.saved_bytes``).
 - kernels: the profiler's time per kernel name of the fwd+bwd step (``_common.kernel_times``).
@@ -41,6 +47,7 @@ import copy
 import dataclasses
 import json
 import pathlib
+import statistics
 import warnings
 
 import _common as C  # first: it puts this checkout on sys.path, ahead of any installed dora_fx
@@ -164,6 +171,23 @@ def references(model: nn.Module, batches: list[dict], device: torch.device) -> d
     return {"logits": logits, "grads": grads, "accum_losses": losses}
 
 
+@dataclasses.dataclass
+class Timer:
+    """A contender's step of one mode, to time again in ``--interleave`` rounds."""
+
+    model: nn.Module
+    step: object
+    train: bool
+
+    def median_ms(self, device: torch.device, rep_ms: float) -> float:
+        if self.train:
+            self.model.train()
+            return C.median_ms(self.step, device, rep_ms, grad_to_none=trainable(self.model))
+        self.model.eval()
+        with torch.no_grad():
+            return C.median_ms(self.step, device, rep_ms)
+
+
 def eval_contender(fn, model: nn.Module, batch: dict, ref: dict, first_call, device: torch.device,
                    rep_ms: float) -> dict:
     forward = C.lm_forward(fn, batch)
@@ -175,6 +199,7 @@ def eval_contender(fn, model: nn.Module, batch: dict, ref: dict, first_call, dev
                "logit_err_vs_fp32": C.relative_error(logits, ref["logits"])}
         del logits
         fwd["peak_bytes"], fwd["transient_bytes"] = C.memory(forward, device)
+    fwd["timer"] = Timer(model, forward, train=False)
     return fwd
 
 
@@ -199,6 +224,7 @@ def train_contender(fn, model: nn.Module, batch: dict, ref: dict, first_call, de
         except RuntimeError as error:
             train["kernels"] = {"error": str(error)}
         clear_grads(params)
+    train["timer"] = Timer(model, train_step, train=True)
     return train
 
 
@@ -252,9 +278,9 @@ def run_contender(name: str, fns: dict, model: nn.Module, batches: list[dict], r
 
 
 def run_group(args: argparse.Namespace, r: int, model: nn.Module, fns: dict, batches: list[dict],
-              device: torch.device):
+              device: torch.device, timers: dict):
     """Yields the rows of each selected contender of ``fns`` (all on ``model``), one list per contender, in
-    the order of ``--contenders``."""
+    the order of ``--contenders``; ``timers[(contender, mode)]`` gets each fwd and fwd+bwd step."""
     selected = [name for name in args.contenders if name in fns]
     if not selected:
         return
@@ -265,29 +291,66 @@ def run_group(args: argparse.Namespace, r: int, model: nn.Module, fns: dict, bat
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = run_contender(name, fns, model, batches, ref, args, device)
+        for mode, res in results.items():
+            if (timer := res.pop("timer", None)) is not None:
+                timers[(name, mode)] = timer
         extra = {"warnings": sorted({str(w.message) for w in caught if "dora_fx" in str(w.message)})}
         if name == "dora_fx":
             extra["rewrites"] = len(dora_fx.last_report().rewrites)
         yield [{"r": r, "mode": mode, "contender": name, **res, **extra} for mode, res in results.items()]
 
 
+def interleave(rows: list[dict], timers: dict, rounds: int, device: torch.device, rep_ms: float) -> None:
+    """Time every step of ``timers`` once per round, all in turn, the order rotated each round; each row's
+    ``ms`` becomes the median of its rounds (``ms_rounds``), its own run's figure ``ms_sequential``."""
+    keys = list(timers)
+    times: dict[tuple, list[float]] = {key: [] for key in keys}
+    for k in range(rounds):
+        for key in keys[k % len(keys):] + keys[:k % len(keys)]:
+            times[key].append(timers[key].median_ms(device, rep_ms))
+    for row in rows:
+        if (key := (row["contender"], row["mode"])) in times:
+            row["ms_sequential"], row["ms_rounds"] = row["ms"], times[key]
+            row["ms"] = statistics.median(times[key])
+
+
 def run_rank(args: argparse.Namespace, r: int, device: torch.device):
     """Yields the rows of each contender at rank ``r``: the plain-LoRA stack's (the same base weights, A
-    and B as the DoRA stack's), then the DoRA stack's; one stack on the device at a time."""
+    and B as the DoRA stack's), then the DoRA stack's. One stack on the device at a time, except with
+    ``--interleave``: then both stay, and a last (empty) yield follows the retiming of the rows above."""
     seed = 1000 + r
     batches = make_batches(args, seed, device)
     model = build_model(args, r, device, seed)
+    timers: dict = {}
+    rows: list[dict] = []
+    resident = 0  # bytes the LoRA stack holds while the DoRA stack runs (--interleave)
     if set(C.LORA_CONTENDERS) & set(args.contenders):
         adapters = lora_adapters(model)
         del model
         C.free(device)
-        model = build_model(args, r, device, seed, adapters)
-        yield from run_group(args, r, model, C.lora_contenders(model), batches, device)
-        del model, adapters
-        C.free(device)
+        lora = build_model(args, r, device, seed, adapters)
+        for group in run_group(args, r, lora, C.lora_contenders(lora), batches, device, timers):
+            rows += group
+            yield group
+        del adapters
+        if args.interleave:
+            C.synchronize(device)
+            resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        else:
+            del lora
+            timers.clear()
+            C.free(device)
         model = build_model(args, r, device, seed)
-    yield from run_group(args, r, model, C.contenders(model), batches, device)
-    del model
+    for group in run_group(args, r, model, C.contenders(model), batches, device, timers):
+        for row in group:
+            if row.get("peak_bytes") is not None:
+                row["peak_bytes"] -= resident
+        rows += group
+        yield group
+    if args.interleave:
+        interleave(rows, timers, args.interleave, device, args.rep_ms)
+        yield []
+    del model, timers
     C.free(device)
 
 
@@ -311,13 +374,13 @@ def _vs(row: dict, ref: str, key: str = "ms") -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["r", "mode", "contender", "ms", "/lora_ind", "/eager", "/inductor", "peak GiB", "transient GiB",
+    header = ["r", "mode", "contender", "ms", "seq ms", "/lora_ind", "/eager", "/inductor", "peak GiB", "transient GiB",
               "tr/lora_ind", "saved GiB", "compile s", "comp/inductor", "opt ms", "logit cos", "logit err", "loss",
               "err vs eager", "rewrites"]
     lines = []
     for row in rows:
         lines.append([
-            row["r"], row["mode"], row["contender"], C.fmt(row["ms"], ".2f"),
+            row["r"], row["mode"], row["contender"], C.fmt(row["ms"], ".2f"), C.fmt(row.get("ms_sequential"), ".2f"),
             *(C.fmt(_vs(row, ref), ".3f") for ref in REFERENCES),
             C.fmt(_ratio(row["peak_bytes"], C.GiB), ".2f"), C.fmt(_ratio(row["transient_bytes"], C.GiB), ".2f"),
             C.fmt(_vs(row, "lora_inductor", "transient_bytes"), ".3f"),
@@ -390,6 +453,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     C.add_llama_shape_arguments(parser)
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 4096; cpu: 64)")
     parser.add_argument("--rep-ms", type=float, help="time spent repeating each measurement (default 200; cpu: 100)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="time the fwd and fwd+bwd steps again in K rounds, every contender in turn (both stacks "
+                        "on the device); ms is then the median of the rounds")
     parser.add_argument("--profile-steps", type=int, help="train steps profiled for the kernel times, 0: none "
                         "(default 3; cpu: 1, operators' CPU time)")
     parser.add_argument("--out", default="benchmarks/results/model.json")
@@ -412,7 +478,8 @@ def print_report(payload: dict) -> None:
     print(f"\nLlama-shaped stack: {c['layers']} layers, hidden {c['hidden']}, intermediate {c['intermediate']}, "
           f"vocab {c['vocab']}, {c['batch']} x {c['seq']} tokens, {c['dtype']}, "
           f"{payload['env'].get('gpu', c['device'])}, {payload['env']['date']}")
-    print("ms = median step (accum: per micro-batch, the optimizer step included); /X = this row's figure over "
+    print("ms = median step (accum: per micro-batch, the optimizer step included; with --interleave the median of "
+          "the rounds, seq ms the contender's own run); /X = this row's figure over "
           "contender X's, same mode; compile s = first call - median step; logit cos/err vs eager fp32 on upcast "
           "weights; err vs eager = loss and LoRA gradients (accum: the micro-batch losses) vs eager")
     print_table(payload["rows"])
@@ -431,6 +498,8 @@ def main(argv=None) -> None:
                           "learning_rate": LEARNING_RATE},
                "rows": []}
     warm_up_compiler(device)
+    if args.interleave:  # both stacks' compiled steps stay: more entries per code object than one stack's
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for r in args.ranks:
         print(f"rank {r}", flush=True)
         for rows in run_rank(args, r, device):  # the JSON rewritten after each contender

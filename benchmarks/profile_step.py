@@ -1,17 +1,18 @@
-"""Where a train step of the Llama-3-8B-shaped stack spends its time, host and GPU: plain LoRA + Inductor
-against dora_fx (issue #13's 512-token gap).
+"""Where a train step (or an eval forward) of the Llama-3-8B-shaped stack spends its time, host and GPU:
+plain LoRA + Inductor against dora_fx (issue #13's and #14's 512-token gaps).
 
-    python benchmarks/profile_step.py [--seq 512] [--contenders lora_inductor dora_fx] [--steps 3] [--out DIR]
+    python benchmarks/profile_step.py [--seq 512] [--mode train] [--contenders lora_inductor dora_fx] [--steps 3] [--out DIR]
 
-The stacks and contenders of ``bench_model.py`` (the same base weights, A and B; dora_fx with A's and B's
-versions moved on before each call, so that the norm is recomputed as after an optimizer step). After
-the compiling first call and a warm-up, ``--steps`` forward + backward steps run under ``torch.profiler``
-(CPU and CUDA activities). Per contender and step:
+The stacks and contenders of ``bench_model.py`` (the same base weights, A and B; in training dora_fx with
+A's and B's versions moved on before each call, so that the norm is recomputed as after an optimizer
+step; in eval, ``--mode eval``, the norm reused as it is by default). After the compiling first call and
+a warm-up, ``--steps`` forward + backward steps (eval: forwards under ``no_grad``) run under
+``torch.profiler`` (CPU and CUDA activities). Per contender and step:
 
 - ``wall_ms``: host time of the steps, the device synchronised at both ends;
 - ``kernel_ms`` and ``kernels``: the sum of the kernels' device time and their number; the GPU is idle
   for the rest of ``wall_ms`` (``idle_ms``): there the host sets the pace;
-- ``forward_ms`` and ``backward_ms``: host time of the compiled forward and backward
+- ``forward_ms`` and ``backward_ms``: host time of the compiled forward and backward (train only)
   (``CompiledFunction`` and its backward, from the profiler's CPU events, children included; the
   backward's includes the wait for the GPU where it catches up);
 - ``cpu_top`` and ``gpu_top``: the operators by self CPU time and the kernels by device time.
@@ -42,18 +43,21 @@ def _events_ms(prof, name: str, steps: int) -> float:
     return sum(e.cpu_time_total for e in prof.key_averages() if e.key == name) / 1e3 / steps
 
 
-def profile_contender(fn, model, batch, device: torch.device, steps: int, trace: pathlib.Path | None) -> dict:
+def profile_contender(fn, model, batch, device: torch.device, steps: int, trace: pathlib.Path | None,
+                      train: bool = True) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    params = bench_model.trainable(model)
-    step = C.lm_train_step(fn, batch)
-    model.train()
-    for _ in range(3):  # the compiling first call, then warm-up
-        bench_model.clear_grads(params)
-        step()
+    params = bench_model.trainable(model) if train else []
+    step = C.lm_train_step(fn, batch) if train else C.lm_forward(fn, batch)
+    model.train(train)
+    grad_mode = torch.enable_grad() if train else torch.no_grad()
+    with grad_mode:
+        for _ in range(3):  # the compiling first call, then warm-up
+            bench_model.clear_grads(params)
+            step()
     C.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with grad_mode, profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             bench_model.clear_grads(params)
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=bench_model.TARGET_RANK)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--out", type=pathlib.Path, help="folder for profile_step.json and the traces")
     C.add_llama_shape_arguments(parser)
@@ -122,14 +127,14 @@ def main() -> None:
             model = bench_model.build_model(args, args.rank, device, seed, adapters)
             fn = C.lora_contenders(model)[name]
         else:
-            fn = C.contenders(model)[name]
+            fn = C.contenders(model)["dora_fx" if args.mode == "train" else "dora_fx_cached"]
         trace = args.out / f"trace_{name}.json.gz" if args.out else None
-        rows[name] = profile_contender(fn, model, batch, device, args.steps, trace)
+        rows[name] = profile_contender(fn, model, batch, device, args.steps, trace, train=args.mode == "train")
         del model, fn
         torch._dynamo.reset()
         C.free(device)
 
-    print(f"train step, {args.layers} layers, 1 x {args.seq} tokens, r = {args.rank}, {args.dtype}, {device}")
+    print(f"{args.mode} step, {args.layers} layers, 1 x {args.seq} tokens, r = {args.rank}, {args.dtype}, {device}")
     header = ["contender", "wall ms", "kernel ms", "GPU idle ms", "kernels", "fwd host ms", "bwd host ms"]
     print(C.table(header, [[name, *(C.fmt(row[k], ".2f") for k in ("wall_ms", "kernel_ms", "idle_ms")),
                             C.fmt(row["kernels"], ".0f"), C.fmt(row["forward_ms"], ".2f"),
