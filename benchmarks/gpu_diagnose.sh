@@ -31,7 +31,7 @@ if [ "${PROFILE:-1}" != 0 ]; then
 fi
 [ -n "${SMALL:-}" ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py \
   --out "$OUT/small_batch.json"
-[ -n "${MODEL_512:-}" ] && TAIL=40 run_step "$LOG" model_512 "$(left 200)" python3 benchmarks/bench_model.py --seq 512 \
+[ -n "${MODEL_512:-}" ] && TAIL=40 run_step "$LOG" model_512 "$(left "${MODEL_512_LIMIT:-200}")" python3 benchmarks/bench_model.py --seq 512 \
   --contenders ${MODEL_512_CONTENDERS:-lora_inductor dora_fx dora_fx_cached} --modes fwd fwd+bwd --profile-steps 0 \
   --interleave "${INTERLEAVE:-5}" --out "$OUT/model_512.json"
 [ -n "${GENERATE:-}" ] && TAIL=30 run_step "$LOG" generate "$(left)" python3 benchmarks/bench_generate.py \
