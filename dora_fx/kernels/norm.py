@@ -81,7 +81,7 @@ def _dense_row_squares(
 def _finish_rows(
     squared, size, out_ptr, w_ptr, a_ptr, b_ptr, row_start, d_out, d_in, r, s,
     stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr,
+    AMPLIFICATION_LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DENSE_ROWS: tl.constexpr,
     DENSE_UPCAST: tl.constexpr,
 ):
@@ -89,19 +89,16 @@ def _finish_rows(
     ``squared`` and its non-negative part ``size = ||W_i||² + s²||(B A)_i||²``.
 
     ``|2s<B_i, U_i>| = |squared - size|``, so ``a_i = (size + |squared - size|) / squared`` is the
-    amplification of rounding errors by cancellation. With ``DENSE_FALLBACK``, rows with a positive
+    amplification of rounding errors by cancellation. Rows with a positive
     ``size`` whose ``squared`` is not positive (fully cancelled) or whose ``a_i > AMPLIFICATION_LIMIT``
     are marked ``-1`` in ``out`` and then recomputed densely by :func:`_dense_row_squares`,
     ``DENSE_ROWS`` rows at a time and only in the groups of rows that hold a marked one; a block
     without such rows pays one comparison. Zero rows (``size = 0``) and NaN sums are not flagged.
-    Without ``DENSE_FALLBACK`` (tests only) nothing is. Norms are ``sqrt(max(·, 0))``.
+    Norms are ``sqrt(max(·, 0))``.
     """
     rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask = rows < d_out
     norms = tl.sqrt_rn(tl.maximum(squared, 0.0))
-    if not DENSE_FALLBACK:
-        tl.store(out_ptr + rows, norms, mask=mask)
-        return
     amplified = size + tl.abs(squared - size) > AMPLIFICATION_LIMIT * squared
     flagged = mask & (size > 0.0) & ((squared <= 0.0) | amplified)
     tl.store(out_ptr + rows, tl.where(flagged, -1.0, norms), mask=mask)
@@ -124,7 +121,7 @@ def _finish_rows(
 def _norm_rows_kernel(
     u_ptr, bg_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
     stride_um, stride_ur, stride_bgm, stride_bgr, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr, DENSE_FALLBACK: tl.constexpr, BG_HALVES: tl.constexpr,
+    AMPLIFICATION_LIMIT: tl.constexpr, BG_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
 ):
@@ -160,7 +157,7 @@ def _norm_rows_kernel(
     _finish_rows(
         squared, size, out_ptr, w_ptr, a_ptr, b_ptr, pid * BLOCK_M, d_out, d_in, r, s,
         stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-        AMPLIFICATION_LIMIT, DENSE_FALLBACK, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
+        AMPLIFICATION_LIMIT, BLOCK_M, BLOCK_K, BLOCK_R, DENSE_ROWS, DENSE_UPCAST,
     )
 
 
@@ -202,16 +199,13 @@ def weight_norm(
     scaling: float,
     fan_in_fan_out: bool,
     row_squares: torch.Tensor | None = None,
-    *,
-    dense_fallback: bool = True,
 ) -> torch.Tensor:
     """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: three GEMMs
     (``U = W Aᵀ``, ``G = A Aᵀ``, ``B G``; float32 outputs, cuBLAS on CUDA) and ``_norm_rows_kernel``.
 
     ``row_squares`` is ``||W_i||²`` in float32 when the caller has it (a frozen ``W``'s is computed
     once, :mod:`dora_fx.norm_cache`); otherwise it is computed here, one more read of ``W``.
-    ``dense_fallback=False`` (tests only) keeps the factored value of cancelled rows. float64 inputs
-    and empty shapes go to the reference math.
+    float64 inputs and empty shapes go to the reference math.
     """
     if dtypes.norm_dtype(weight, lora_A, lora_B) != torch.float32:
         return reference.weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
@@ -231,7 +225,7 @@ def weight_norm(
         u, bg, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
         u.stride(0), u.stride(1), bg.stride(0), bg.stride(1), w_rows.stride(0), w_rows.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, DENSE_FALLBACK=dense_fallback, BG_HALVES=halves,
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, BG_HALVES=halves,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if interpreting else 64,
         DENSE_ROWS=16, DENSE_UPCAST=mma_upcast(lora_B.dtype, lora_A.dtype),
         num_warps=4, num_stages=1,

@@ -147,14 +147,24 @@ def _assert_same_rows(got, expected):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
+def _factored_float32(weight, lora_A, lora_B, scaling, fan_in_fan_out):
+    """``(squared, size)`` of the factored form in plain float32 torch arithmetic, no fallback:
+    ``size = ||W_i||² + s²<B_i, (B G)_i>`` and ``squared = size + 2s<B_i, (W Aᵀ)_i>``."""
+    w = (weight.T if fan_in_fan_out else weight).float()
+    a, b = lora_A.float(), lora_B.float()
+    size = w.square().sum(dim=1) + scaling**2 * (b * (b @ (a @ a.T))).sum(dim=1)
+    return size + 2 * scaling * (b * (w @ a.T)).sum(dim=1), size
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cancelled_rows_are_recomputed_densely(fan_in_fan_out, dtype):
     """Rows with ``norm_i ≈ 1e-4·||W_i||`` (fp32; amplification ~2e8, no digits left in the factored sum)
     or ``1e-3·||W_i||`` (bf16) come out as accurate as the dense form in float32; every other row is
-    bit-for-bit what it is without the fallback; without it the fp32 cancelled rows are far off.
-    bf16 inputs here give a factored sum about as accurate (few roundings happen in fp32 sums of
-    exact bf16 products), so for them the test checks only that the fallback keeps that accuracy."""
+    bit-for-bit what the kernel gives it when no row cancels (the same inputs with the cancelled rows
+    of ``W`` put back). In fp32 the factored sum alone is far off on those rows; bf16 inputs give a
+    factored sum about as accurate (few roundings happen in fp32 sums of exact bf16 products), so for
+    them the test checks only that the fallback keeps that accuracy."""
     # Rows 16-31 hold none: their row block (16 rows, interpreter) or group of 16 (32-row blocks on the
     # GPU) skips the dense pass.
     rows = [1, 5, 6, 32]
@@ -163,19 +173,23 @@ def test_cancelled_rows_are_recomputed_densely(fan_in_fan_out, dtype):
     got = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out)
     ours, dense = _relative_errors(got, weight, lora_A, lora_B, 1.5, fan_in_fan_out)
     assert ours[rows].max() <= _DENSE_FACTOR * dense[rows].max() + 1e-6, (ours[rows], dense[rows])
-    factored = norm.weight_norm(weight, lora_A, lora_B, 1.5, fan_in_fan_out, dense_fallback=False)
+    uncancelled = _make(33, 130, 37, dtype, False, seed=8)[0]  # _cancelling's inputs before it edits rows
+    uncancelled = uncancelled.T.contiguous() if fan_in_fan_out else uncancelled
     others = [i for i in range(33) if i not in rows]
-    _assert_same_rows(factored[others], got[others])
-    if dtype == torch.float32:  # bf16 inputs: sums of exact bf16 products stay (nearly) exact in fp32 here
+    _assert_same_rows(got[others], norm.weight_norm(uncancelled, lora_A, lora_B, 1.5, fan_in_fan_out)[others])
+    if dtype == torch.float32:
+        squared, _ = _factored_float32(weight, lora_A, lora_B, 1.5, fan_in_fan_out)
+        factored = squared.clamp_min(0).sqrt()
         assert _relative_errors(factored, weight, lora_A, lora_B, 1.5, fan_in_fan_out)[0][rows].max() > 1e-2
 
 
 def test_moderate_cancellation_stays_factored():
-    """Rows with amplification ~200, below the limit: the factored value, within ``2·eps·a`` of exact."""
+    """Rows with amplification ~200, below the limit (none is a candidate for the dense pass): the
+    factored value, within ``2·eps·a`` of exact."""
     rows = list(range(0, 33, 3))
     weight, lora_A, lora_B = _cancelling(33, 64, 8, torch.float32, False, 2.0, 0.1, rows, seed=9)
+    assert not reference.cancelled_rows(*_factored_float32(weight, lora_A, lora_B, 2.0, False)).any()
     got = norm.weight_norm(weight, lora_A, lora_B, 2.0, False)
-    _assert_same_rows(norm.weight_norm(weight, lora_A, lora_B, 2.0, False, dense_fallback=False), got)
     ours, _ = _relative_errors(got, weight, lora_A, lora_B, 2.0, False)
     assert ours.max() < 2 * _FACTORED_EPS * 400
 
