@@ -6,7 +6,8 @@
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
 #   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
-#   3. bench_model.py at 1 x 512 tokens: plain LoRA + Inductor and dora_fx, fwd and fwd+bwd (the time left).
+#   3. unless RUN_512=0, bench_model.py at 1 x 512 tokens: every contender, fwd and fwd+bwd (the time left).
+# Both bench_model.py runs time their steps again in ${INTERLEAVE:-5} interleaved rounds (--interleave).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
 # Inductor 10 + 20 s, dora_fx 19 + 75 s, PEFT + Inductor 15 + 39 s; builds, references and measurements
 # 40 s; imports and compiler warm-up 20 s); the 512 run about 150 s (its three contenders' first calls are
@@ -40,8 +41,8 @@ TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pyt
 [ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq "${PROFILE_SEQ:-512}" \
   --out "$OUT/profile"
 TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
-bench model_4096 "$(left 240)" --seq 4096 --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
-bench model_512 "$(left)" --seq 512 --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
+bench model_4096 "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
+[ "${RUN_512:-1}" != 0 ] && bench model_512 "$(left)" --seq 512 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
   --modes fwd fwd+bwd --profile-steps 0
 cat "$LOG"
 (cd "$OUT" && tar cf results.tar *.json && rm -f *.json)
