@@ -2,7 +2,7 @@
 # One device call on one H200 (device kind nvidia-h200): issue #13's measurements in at most ${TOTAL:-540} s.
 #   1. the CUDA tests, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
 #   1b. with KERNELS=1, bench_kernels.py --quick --norm-only: the norm implementations (at most 60 s);
-#   1c. bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
+#   1c. unless SMALL=0, bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
 #   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
@@ -40,7 +40,7 @@ TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pyt
   --kernels --out "$OUT/norm_host_cost.json"
 [ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq "${PROFILE_SEQ:-512}" \
   --out "$OUT/profile"
-TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
+[ "${SMALL:-1}" != 0 ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
 bench model_4096 "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
 [ "${RUN_512:-1}" != 0 ] && bench model_512 "$(left)" --seq 512 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
   --modes fwd fwd+bwd --profile-steps 0
