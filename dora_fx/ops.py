@@ -23,10 +23,9 @@
 ``dora_fx::compose_saving_output``
     ``compose`` for PEFT's reused base without bias (``out = g·(result + s·lora)``), whose backward
     keeps the output itself, which the layer's consumer usually keeps anyway, in place of
-    ``adapted = out / g``: no activation of its own. The magnitude's gradient is
-    ``dora_fx::magnitude_grad_from_output``: ``Σ d·out / m``, and where ``m = 0`` (``g = 0``)
-    ``adapted`` recomputed for those features from the LoRA input (kept for ``lora_A``'s gradient
-    anyway), ``W``, ``A`` and ``B``; on CUDA both in one kernel launch.
+    ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
+    gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which recomputes ``adapted`` for
+    those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A`` and ``B``.
 ``dora_fx::compose_with_adapted``
     The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one
     activation the magnitude's gradient needs (``∂out/∂m = adapted / norm``). Its autograd keeps
@@ -38,10 +37,9 @@ the reference math of :mod:`dora_fx.kernels.reference` elsewhere. ``weight_norm`
 and ``compose_backward`` are ``torch.library.triton_op``s: ``torch.compile`` traces through them. For
 the compose ops it traces the reference math (``dispatch.TRACED_AS_REFERENCE``), which Inductor fuses
 with the neighbouring ops; ``weight_norm`` traced on CUDA leaves its kernel in Inductor's generated
-code, and so does ``magnitude_grad_from_output``'s. ``cached_weight_norm`` (where it is not made a
-graph input) and, off CUDA, the ``m = 0`` part of ``magnitude_grad_from_output``
-(``zero_magnitude_grad_reference``) stay ops of their own in compiled graphs (a cache lookup; a
-data-dependent amount of work).
+code, and so does ``zero_magnitude_grad``'s. ``cached_weight_norm`` (where it is not made a graph
+input) and, off CUDA, ``zero_magnitude_grad``'s reference stay ops of their own in compiled graphs (a
+cache lookup; a data-dependent amount of work).
 Each op validates its inputs, in eager calls and when traced with fake tensors, so a bad call fails
 with a message naming the problem.
 """
@@ -359,15 +357,19 @@ def _compose_saving_output_setup_context(ctx, inputs, output):
 
 def _compose_saving_output_backward(ctx, grad_out):
     magnitude, norm, output, lora_input, weight, lora_A, lora_B = ctx.saved_tensors
-    grad_main, grad_lora = reference.input_gradients(
-        grad_out, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype
-    )
     if output is None:
+        grad_main, grad_lora = reference.input_gradients(
+            grad_out, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype
+        )
         return grad_main, grad_lora, None, None, None, None, None, None, None, None
-    grad_magnitude = torch.ops.dora_fx.magnitude_grad_from_output(
-        grad_out, output, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
+    grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+        grad_out, output, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype, True
     )
-    return grad_main, grad_lora, grad_magnitude.to(magnitude.dtype), None, None, None, None, None, None, None
+    at_zero = torch.ops.dora_fx.zero_magnitude_grad(
+        grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
+    )
+    grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
+    return grad_main, grad_lora, grad_magnitude, None, None, None, None, None, None, None
 
 
 compose_saving_output.register_autograd(
@@ -375,10 +377,9 @@ compose_saving_output.register_autograd(
 )
 
 
-@torch.library.triton_op("dora_fx::magnitude_grad_from_output", mutates_args=())
-def magnitude_grad_from_output(
+@torch.library.triton_op("dora_fx::zero_magnitude_grad", mutates_args=())
+def zero_magnitude_grad(
     grad_out: Tensor,
-    output: Tensor,
     lora_input: Tensor,
     weight: Tensor,
     lora_A: Tensor,
@@ -388,14 +389,10 @@ def magnitude_grad_from_output(
     norm: Tensor,
     fan_in_fan_out: bool,
 ) -> Tensor:
-    args = (grad_out, output, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out)
+    args = (grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out)
     if dispatch.has_kernel(args):  # one launch, made by Inductor's code in compiled graphs
-        return dispatch.magnitude_grad_from_output(*args)
-    # Traced: the sums fuse with their neighbours; the m = 0 features' work is an op of its own.
-    at_zero = torch.ops.dora_fx.zero_magnitude_grad_reference(
-        grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out
-    )
-    return reference.combine_magnitude_grad(grad_out, output, magnitude, at_zero)
+        return dispatch.zero_magnitude_grad(*args)
+    return torch.ops.dora_fx.zero_magnitude_grad_reference(*args)
 
 
 # The reference's work depends on which features have ``m = 0``: an op of its own, which graphs call as is.

@@ -11,9 +11,8 @@ output without bias (``result - bias`` when PEFT reuses the base layer's output)
   ``grad_lora`` and, per block of rows, the column sums ``Σ_rows d·adapted`` into a float32
   ``[row_blocks, N]`` buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics),
   or by ``m`` when the saved tensor is the output ``g·adapted``.
-- ``_magnitude_grad_kernel``: the magnitude's gradient from the output ``g·adapted`` (``Σ d·out / m``),
-  and at the features with ``m = 0``, where the output cannot give ``adapted`` back, from ``adapted``
-  recomputed; programs without such features only sum.
+- ``_zero_magnitude_grad_kernel``: the magnitude's gradient at the features with ``m = 0``, where the
+  output cannot give ``adapted`` back; programs without such features return at once.
 
 Inputs are ``[..., N]``; leading dimensions are flattened into rows addressed with int64 offsets
 through a row stride, so row-strided views need no copy.
@@ -366,40 +365,30 @@ def compose_backward(
 
 
 @triton.jit
-def _magnitude_grad_kernel(
-    grad_ptr, out_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, result_ptr, n_rows, d_out, d_in, r, scaling,
-    stride_grad, stride_out, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+def _zero_magnitude_grad_kernel(
+    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, n_rows, d_out, d_in, r, scaling,
+    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``result[j] = ∂L/∂m_j`` for ``out = g·adapted`` (``g = m / norm``), from the output: for the
-    features with ``m_j ≠ 0``, ``Σ_t d[t, j]·out[t, j] / m_j``; for those with ``m_j = 0``, where the
-    output (``g = 0``) cannot give back ``adapted = (W + s·B·A)·x``, ``Σ_t d[t, j]·adapted[t, j] / norm_j``
-    with ``adapted`` recomputed.
+    """``out[j] = Σ_t d[t, j]·((W + s·B·A)_j · x_t) / norm_j`` for the features ``j`` with ``m_j = 0``,
+    ``0`` for the others: the magnitude's gradient where the output (``g = 0``) cannot give back
+    ``adapted = (W + s·B·A)·x``.
 
-    A program owns ``BLOCK_N`` features and sums over every row, in a fixed order (no atomics, no
-    second pass). Only a program that holds a feature with ``m_j = 0`` recomputes, tile by tile,
+    A program owns ``BLOCK_N`` features and returns at once when none of them has ``m_j = 0``, so the
+    launch costs next to nothing without such features. Otherwise, tile by tile,
     ``adapted[T, N] = x[T, :]·(Wᵀ[:, N] + s·Aᵀ B[N]ᵀ)`` (float32, ``tf32x3``), never kept beyond a
-    ``[BLOCK_T, BLOCK_N]`` tile.
+    ``[BLOCK_T, BLOCK_N]`` tile, and summed against ``d``.
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < d_out
-    m = tl.load(m_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
-    zero = mask_n & (m == 0.0)
-    offs_t = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for t in range(0, n_rows, BLOCK_T):
-        rows = (t + offs_t).to(tl.int64)
-        mask = (rows < n_rows)[:, None] & mask_n[None, :]
-        d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += d * o
-    total = tl.div_rn(tl.sum(acc, axis=0), tl.where(zero, 1.0, m))
+    zero = mask_n & (tl.load(m_ptr + cols, mask=mask_n, other=1.0) == 0.0)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if tl.sum(zero.to(tl.int32), axis=0) > 0:
         s = tl.cast(scaling, tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
         offs_k = tl.arange(0, BLOCK_K)
         offs_r = tl.arange(0, BLOCK_R)
-        at_zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for t in range(0, n_rows, BLOCK_T):
             rows = (t + offs_t).to(tl.int64)
             mask_t = rows < n_rows
@@ -429,15 +418,14 @@ def _magnitude_grad_kernel(
                     ba_t = mma(a_t, b_t, ba_t, UPCAST)
                 adapted = tl.dot(x.to(tl.float32), w_t + s * ba_t, adapted, input_precision="tf32x3")
             d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask_t[:, None] & zero[None, :], other=0.0)
-            at_zero += tl.sum(d.to(tl.float32) * adapted, axis=0)
+            total += tl.sum(d.to(tl.float32) * adapted, axis=0)
         n = tl.load(norm_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
-        total = tl.where(zero, tl.div_rn(at_zero, n), total)
-    tl.store(result_ptr + cols, total, mask=mask_n)
+        total = tl.where(zero, tl.div_rn(total, n), 0.0)
+    tl.store(out_ptr + cols, total, mask=mask_n)
 
 
-def magnitude_grad_from_output(
+def zero_magnitude_grad(
     grad_out: torch.Tensor,
-    output: torch.Tensor,
     lora_input: torch.Tensor,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -447,27 +435,20 @@ def magnitude_grad_from_output(
     norm: torch.Tensor,
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
-    """float32 ``[d_out]``: the magnitude's gradient from the layer's output, as
-    :func:`reference.magnitude_grad_from_output`, in one launch and without a host synchronisation;
-    float64 inputs go to the reference math."""
-    if _uses_float64(grad_out, output, magnitude, norm):
-        return reference.magnitude_grad_from_output(
-            grad_out, output, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out
-        )
+    """float32 ``[d_out]``: the magnitude's gradient at the features with ``m = 0``, ``0`` elsewhere,
+    as :func:`reference.zero_magnitude_grad`, without a host synchronisation."""
     d_out, d_in = lora_B.shape[0], lora_A.shape[1]
-    result = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
-    n_rows = grad_out.numel() // d_out if d_out else 0
-    grad2 = _rows(grad_out, n_rows, d_out)
-    out2 = _rows(output, n_rows, d_out)
-    x2 = _rows(lora_input, lora_input.numel() // d_in if d_in else 0, d_in)
+    out = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
+    grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
+    x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
     interpreting = launch.interpreting()
-    block_n = 16 if interpreting or d_out <= 2048 else 32  # at least about 64 programs for the row sums
-    launchable(_magnitude_grad_kernel, grad_out)[(triton.cdiv(d_out, block_n),)](
-        grad2, out2, x2, weight, lora_A, lora_B, _vector(magnitude), _vector(norm), result, n_rows, d_out, d_in,
-        lora_A.shape[0], float(scaling), grad2.stride(0), out2.stride(0), x2.stride(0), stride_wm, stride_wk,
+    block_n = 16
+    launchable(_zero_magnitude_grad_kernel, grad_out)[(triton.cdiv(d_out, block_n),)](
+        grad2, x2, weight, lora_A, lora_B, _vector(magnitude), _vector(norm), out, grad2.shape[0], d_out, d_in,
+        lora_A.shape[0], float(scaling), grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         BLOCK_N=block_n, BLOCK_T=32 if interpreting else 64, BLOCK_K=32 if interpreting else 64, BLOCK_R=16,
         UPCAST=mma_upcast(lora_A.dtype, lora_B.dtype), num_warps=4,
     )
-    return result
+    return out

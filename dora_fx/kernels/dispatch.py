@@ -130,6 +130,6 @@ def compose_backward(*args):
     return _compose_kernels().compose_backward(*args)
 
 
-@with_fallback(reference.magnitude_grad_from_output)
-def magnitude_grad_from_output(*args):
-    return _compose_kernels().magnitude_grad_from_output(*args)
+@with_fallback(reference.zero_magnitude_grad)
+def zero_magnitude_grad(*args):
+    return _compose_kernels().zero_magnitude_grad(*args)

@@ -197,7 +197,7 @@ def compose_backward(
 
     ``from_output``: ``adapted`` holds the output ``out = g·adapted`` instead (PEFT's reused base
     without bias), so the last sum is ``Σ_tokens d·out / m``; it is not finite where ``m = 0`` (see
-    :func:`magnitude_grad_from_output`).
+    :func:`zero_magnitude_grad`).
     """
     grad_main, grad_lora = input_gradients(grad_out, magnitude, norm, scaling, base_given, main_dtype, lora_dtype)
     acc = _accumulation_dtype(torch.promote_types(grad_out.dtype, adapted.dtype))
@@ -234,36 +234,6 @@ def zero_magnitude_grad(
     d = grad_out.reshape(-1, grad_out.shape[-1])[:, zero].float()
     out[zero] = (d * (x @ adapted_rows.T)).sum(dim=0) / norm[zero].float()
     return out
-
-
-def magnitude_grad_from_output(
-    grad_out: torch.Tensor,
-    output: torch.Tensor,
-    lora_input: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    norm: torch.Tensor,
-    fan_in_fan_out: bool,
-) -> torch.Tensor:
-    """``∂L/∂m`` for ``out = g·adapted`` (``g = m / norm``, PEFT's reused base without bias) from the
-    output, which the layer's consumer keeps anyway: ``Σ_tokens d·out / m``, and where ``m = 0`` (the
-    output says nothing of ``adapted`` there) :func:`zero_magnitude_grad`. float32 (float64 for
-    float64 inputs)."""
-    at_zero = zero_magnitude_grad(grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out)
-    return combine_magnitude_grad(grad_out, output, magnitude, at_zero)
-
-
-def combine_magnitude_grad(
-    grad_out: torch.Tensor, output: torch.Tensor, magnitude: torch.Tensor, at_zero: torch.Tensor
-) -> torch.Tensor:
-    """:func:`magnitude_grad_from_output` given its value at the ``m = 0`` features, ``at_zero``."""
-    acc = _accumulation_dtype(torch.promote_types(grad_out.dtype, output.dtype))
-    sums = (grad_out.to(acc) * output.to(acc)).reshape(-1, output.shape[-1]).sum(dim=0)
-    zero = magnitude == 0
-    return torch.where(zero, at_zero.to(acc), sums / torch.where(zero, 1.0, magnitude.to(acc)))
 
 
 def input_gradients(
