@@ -87,6 +87,33 @@ def add_llama_shape_arguments(parser) -> None:
     parser.add_argument("--b-std", type=float, default=0.02, help="std of the random LoRA B")
 
 
+# (option, on CUDA, on the CPU): Llama-3-8B's layer shapes and 512 tokens on CUDA, tiny ones on the CPU.
+_STEP_SHAPES = (("hidden", 4096, 64), ("intermediate", 14336, 224), ("heads", 32, 4), ("kv_heads", 8, 2),
+                ("vocab", 1024, 128), ("seq", 512, 64))
+
+
+def add_step_arguments(parser, rank: int) -> None:
+    """The options of the scripts that look into one step of ``bench_model.py``'s stacks
+    (``profile_step.py``, ``host_pace.py``); :func:`step_device` fills in their defaults."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seq", type=int, help="tokens (default 512; cpu: 64)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=rank)
+    add_llama_shape_arguments(parser)
+
+
+def step_device(args) -> torch.device:
+    """The device of :func:`add_step_arguments`' options, with the unset shapes filled in for it and one
+    batch (``args.accum = 1``)."""
+    device = torch.device(args.device)
+    for key, cuda, cpu in _STEP_SHAPES:
+        if getattr(args, key) is None:
+            setattr(args, key, cuda if device.type == "cuda" else cpu)
+    args.accum = 1
+    return device
+
+
 def lm_forward(fn: Callable, batch: dict) -> Callable[[], torch.Tensor]:
     """A call of ``fn`` (a causal LM, eager or compiled) on ``batch``'s token ids: the logits."""
     return lambda: fn(input_ids=batch["input_ids"]).logits

@@ -94,24 +94,13 @@ def profile_contender(fn, model, batch, device: torch.device, steps: int, trace:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--seq", type=int)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=bench_model.TARGET_RANK)
+    C.add_step_arguments(parser, rank=bench_model.TARGET_RANK)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--out", type=pathlib.Path, help="folder for profile_step.json and the traces")
-    C.add_llama_shape_arguments(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    for key, gpu, cpu in (("hidden", 4096, 64), ("intermediate", 14336, 224), ("heads", 32, 4), ("kv_heads", 8, 2),
-                          ("vocab", 1024, 128), ("seq", 512, 64)):
-        if getattr(args, key) is None:
-            setattr(args, key, gpu if cuda else cpu)
-    args.accum = 1
+    device = C.step_device(args)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
