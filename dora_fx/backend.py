@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from dora_fx import compat, compile_options, norm_inputs
+from dora_fx.passes import recompute
 from dora_fx.passes.lift_norms import lift_norms
 from dora_fx.passes.pipeline import run_passes
 from dora_fx.report import GraphReport, NearMiss, Report
@@ -148,6 +149,8 @@ class DoraBackend:
         if self.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
+            if recompute.has_kept_outputs(gm):
+                config_patches = {**config_patches, "joint_custom_pre_pass": _recompute_pass(config_patches)}
             return compile_fx(gm, example_inputs, config_patches=config_patches or None)
         return _resolve(self.inner)(gm, example_inputs)
 
@@ -156,6 +159,13 @@ class DoraBackend:
             f", {name}={value!r}" for name, value in (("mode", self.mode), ("options", self.options)) if value
         )
         return f"DoraBackend(inner={self.inner!r}, rewrite={self.rewrite}{settings})"
+
+
+def _recompute_pass(config_patches: dict) -> recompute.RecomputeFromKeptOutputs:
+    """dora_fx's joint-graph pass (:mod:`dora_fx.passes.recompute`), followed by the
+    ``joint_custom_pre_pass`` that ``config_patches`` or Inductor's config already holds."""
+    then = config_patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
+    return recompute.RecomputeFromKeptOutputs(then=then)
 
 
 def reset_report() -> None:

@@ -38,6 +38,7 @@ import torch.fx as fx
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx import dtypes
 from dora_fx.passes import graph_view as gv
+from dora_fx.passes import recompute
 from dora_fx.passes.records import GraphRewrites, PassResult, RewrittenRegion
 from dora_fx.report import NearMiss, RegionCode, module_class, module_path
 
@@ -433,6 +434,9 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[RewrittenRegion, list[f
         else:
             new_out = composed
     new_out.meta.update(val=out_value, **meta)
+    if composed.target is not torch.ops.dora_fx.compose.default:  # its backward keeps the output or adapted
+        for node in {composed, new_out}:
+            recompute.tag_kept_output(node, region=f"{module_path(new_out)}:{composed.name}")
     out.replace_all_uses_with(new_out)
     unread = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
     dense = gv.value(nodes["dense"])
