@@ -46,9 +46,10 @@ def test_zero_magnitude_under_inductor():
 
 
 @pytest.mark.cuda
-def test_cuda_zero_magnitude_kernel_runs_from_inductor_code():
-    """On CUDA the exact path is one Triton kernel that Inductor's generated code launches (no op
-    dispatch from Python in the backward), and its gradients still equal eager PEFT's."""
+def test_cuda_zero_magnitude_path_is_one_op_call_in_inductor_code():
+    """On CUDA the exact path is one call of the op per layer from Inductor's generated code (its
+    Triton kernel is not inlined: Inductor would analyse it at every call site), and its gradients
+    still equal eager PEFT's."""
     from torch._inductor.utils import run_and_get_code
 
     model = _with_zero_magnitudes(bias=False).cuda()
@@ -57,6 +58,6 @@ def test_cuda_zero_magnitude_kernel_runs_from_inductor_code():
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     ours, codes = run_and_get_code(lambda: sl.step(compiled, model, x))
     code = "\n".join(codes)
-    assert "_zero_magnitude_grad_kernel" in code
-    assert "ops.dora_fx.zero_magnitude_grad" not in code
+    assert code.count("torch.ops.dora_fx.zero_magnitude_grad.default(") == 1
+    assert "_zero_magnitude_grad_kernel" not in code
     sl.assert_matches(ours, sl.step(model, model, x))
