@@ -3,7 +3,8 @@
 # step's time goes, and (optionally) the small-batch and generation benchmarks, in at most ${TOTAL:-420} s.
 #   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s (stopping at the first failure unless ALL_TESTS=1);
 #   2. unless PROFILE=0, profile_step.py --mode ${PROFILE_MODE:-train} at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
-#      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz);
+#      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz; in train mode
+#      trace_breakdown.py's GPU time per kind of kernel, forward and backward);
 #   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
 #   4. with MODEL_512=1, bench_model.py at 1 x 512 tokens: ${MODEL_512_CONTENDERS:-LoRA + Inductor, dora_fx (norm
 #      recomputed and reused)}, fwd and fwd+bwd, timed again in ${INTERLEAVE:-5} interleaved rounds;
@@ -28,6 +29,8 @@ if [ "${PROFILE:-1}" != 0 ]; then
   TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" \
     --mode "${PROFILE_MODE:-train}" --out "$OUT/profile"
   [ -n "${OUTPUT_CODE:-}" ] && { unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log"; }
+  [ "${PROFILE_MODE:-train}" = train ] && TAIL=30 run_step "$LOG" trace_breakdown 30 python3 benchmarks/trace_breakdown.py \
+    "$OUT/profile" --out "$OUT/profile/trace_breakdown.json"
 fi
 [ -n "${SMALL:-}" ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py \
   --out "$OUT/small_batch.json"
