@@ -15,9 +15,7 @@ On CUDA, all the norms of a graph are recomputed by one replay of a CUDA graph c
 refresh (a dozen kernels per norm otherwise cost the host more than the GPU), captured again when a
 tensor moves to another address or a base weight changes (its ``||W||²`` is read, not recomputed, by
 the captured work); the replay writes the buffers themselves. Where capture fails the norms are
-computed eagerly, reported once. In the captured graph the norms, independent of each other, are
-spread over ``SIDE_STREAMS`` streams: one norm's small kernels (``A Aᵀ``, ``B G``, the rows kernel,
-none of which fills the GPU) overlap another's ``W Aᵀ``.
+computed eagerly, reported once.
 """
 
 from __future__ import annotations
@@ -35,9 +33,6 @@ from dora_fx.passes.lift_norms import LiftedNorm
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-
-SIDE_STREAMS = 2
-"""Streams the captured norm computation is spread over (one norm after another on each, round robin)."""
 
 
 def example_norms(specs: Sequence[LiftedNorm], example_inputs: Sequence) -> list[Tensor]:
@@ -92,27 +87,12 @@ class NormInputs:
                 return
             torch._foreach_copy_(self._buffers, self._compute(args))
 
-    def _compute(self, args: Sequence) -> list[Tensor]:
-        return [self._norm(args, spec) for spec in self.specs]
-
-    @staticmethod
-    def _norm(args: Sequence, spec: LiftedNorm, row_squares: Tensor | None = None) -> Tensor:
-        return ops.recomputed_weight_norm(
-            args[spec.weight], args[spec.lora_A], args[spec.lora_B], spec.scaling, spec.fan_in_fan_out, row_squares
-        )
-
-    def _compute_on_streams(self, args: Sequence, squares: list[Tensor], streams: Sequence[torch.cuda.Stream]) -> None:
-        """The norms into their buffers, norm ``i`` on ``streams[i % len(streams)]``; the streams fork from
-        the current stream and join it again. Every tensor of a norm is made and used on one stream."""
-        current = torch.cuda.current_stream()
-        for k, stream in enumerate(streams):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                mine = range(k, len(self.specs), len(streams))
-                norms = [self._norm(args, self.specs[i], squares[i]) for i in mine]
-                torch._foreach_copy_([self._buffers[i] for i in mine], norms)
-        for stream in streams:
-            current.wait_stream(stream)
+    def _compute(self, args: Sequence, squares: list[Tensor] | None = None) -> list[Tensor]:
+        squares = squares or [None] * len(self.specs)
+        return [
+            ops.recomputed_weight_norm(args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out, sq)
+            for s, sq in zip(self.specs, squares)
+        ]
 
     def _row_squares(self, args: Sequence) -> list[Tensor]:
         return [norm_cache.row_squares(args[s.weight], s.fan_in_fan_out) for s in self.specs]
@@ -135,8 +115,8 @@ class NormInputs:
             self._graph = None
             squares = self._row_squares(args)  # kept outside the graph, read by it
 
-            def compute_into_buffers(streams: Sequence[torch.cuda.Stream]):
-                self._compute_on_streams(args, squares, streams)
+            def compute_into_buffers():
+                torch._foreach_copy_(self._buffers, self._compute(args, squares))
 
             try:
                 self._graph = _CapturedNorms(key, compute_into_buffers, keep=squares)
@@ -151,8 +131,7 @@ class NormInputs:
 
 
 class _CapturedNorms:
-    """A CUDA graph of a norm computation, captured on a stream of its own after one warm-up run there;
-    ``compute`` is given side streams of the graph's own to fork its work onto (and join back).
+    """A CUDA graph of a norm computation, captured on a stream of its own after one warm-up run there.
 
     cuBLAS keeps a workspace per stream, and destroying a graph releases the workspaces of the stream
     it was captured on (pytorch/pytorch#193402): two graphs captured on one stream (``torch.cuda.graph``'s
@@ -161,14 +140,13 @@ class _CapturedNorms:
     do: the capture's workspace is allocated in this graph's private pool and lives as long as it.
     """
 
-    def __init__(self, key: tuple, compute: Callable[[Sequence[torch.cuda.Stream]], None], keep: object):
+    def __init__(self, key: tuple, compute: Callable[[], None], keep: object):
         self.key = key
         self._inputs = keep  # tensors the graph reads that nothing else may keep alive
         self._stream = torch.cuda.Stream()
-        self._side_streams = [torch.cuda.Stream() for _ in range(SIDE_STREAMS)]  # this graph's own, as _stream
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            compute(self._side_streams)  # compiles the kernels outside the capture
+            compute()  # compiles the kernels outside the capture
         torch.cuda.current_stream().wait_stream(self._stream)
         self._graph = torch.cuda.CUDAGraph()
         torch._C._cuda_clearCublasWorkspaces()
@@ -176,7 +154,7 @@ class _CapturedNorms:
             # thread_local: CUDA calls of other threads (compile workers, data loaders) neither break
             # this capture nor fail because of it.
             with torch.cuda.graph(self._graph, stream=self._stream, capture_error_mode="thread_local"):
-                compute(self._side_streams)
+                compute()
         finally:
             torch._C._cuda_clearCublasWorkspaces()
 
