@@ -63,11 +63,10 @@ def main(argv=None) -> None:
     result = {c: breakdown(args.dir / f"trace_{c}.json.gz", steps) for c in (base, other)}
     rows = []
     for phase in ("forward", "backward"):
-        kinds = sorted(set(result[base][phase]) | set(result[other][phase]))
-        for k in kinds + ["all"]:
-            a = sum(result[base][phase].values()) if k == "all" else result[base][phase].get(k, 0.0)
-            b = sum(result[other][phase].values()) if k == "all" else result[other][phase].get(k, 0.0)
-            rows.append((phase, k, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}"))
+        times_a, times_b = result[base][phase], result[other][phase]
+        pairs = [(k, times_a.get(k, 0.0), times_b.get(k, 0.0)) for k in sorted(set(times_a) | set(times_b))]
+        pairs.append(("all", sum(times_a.values()), sum(times_b.values())))
+        rows += [(phase, k, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}") for k, a, b in pairs]
     print(C.table(("phase", "kernels", f"{base} ms", f"{other} ms", "difference"), rows))
     if args.out:
         C.write_json(args.out, {"steps": steps, "ms_per_step": result})

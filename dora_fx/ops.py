@@ -388,23 +388,8 @@ _lib.define(
 )
 
 
-def zero_magnitude_grad(
-    grad_out: Tensor,
-    lora_input: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    magnitude: Tensor,
-    norm: Tensor,
-    fan_in_fan_out: bool,
-) -> Tensor:
-    return dispatch.zero_magnitude_grad(
-        grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out
-    )
-
-
-_lib.impl("zero_magnitude_grad", zero_magnitude_grad, "CompositeExplicitAutograd")
+# Called on real tensors: the Triton kernel on CUDA, the reference math elsewhere.
+_lib.impl("zero_magnitude_grad", dispatch.zero_magnitude_grad, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("dora_fx::zero_magnitude_grad", lib=_lib)

@@ -1,6 +1,6 @@
 """Features whose magnitude is exactly zero (pruned outputs, say): ``g = 0``, so the output carries no
 trace of ``adapted = (W + s·B·A)·x``, which the magnitude's gradient needs. dora_fx's training compose
-that keeps only the output takes an exact path there (:func:`dora_fx.ops.zero_magnitude_grad`): the
+that keeps only the output takes an exact path there (``dora_fx::zero_magnitude_grad``): the
 gradients equal eager PEFT's, never NaN."""
 
 from __future__ import annotations
