@@ -66,6 +66,22 @@ def test_reduce_overhead_eval_replays_see_in_place_updates_and_load_state_dict()
         torch.testing.assert_close(compiled(x).clone(), model(x), **TOLERANCE)
 
 
+def test_reduce_overhead_eval_replays_follow_set_adapter():
+    """A second DoRA adapter, switched to and back between replays: each replay uses the active
+    adapter's norm, as eager PEFT does."""
+    example, x = _cuda_mlp()
+    model = example.model.eval()
+    model.add_adapter("second", models.dora_config(["fc1", "fc2"], rank=2, dropout=0.0))
+    models.randomize_adapters(model, torch.Generator().manual_seed(9))
+    model.cuda()
+    model.set_adapter("default")
+    compiled = torch.compile(model, backend="dora", mode="reduce-overhead")
+    with torch.no_grad():
+        for adapter in ("default", "default", "default", "second", "second", "default"):
+            model.set_adapter(adapter)
+            torch.testing.assert_close(compiled(x).clone(), model(x), **TOLERANCE)
+
+
 def test_reduce_overhead_training_replays_follow_the_optimizer():
     example, x = _cuda_mlp()
     model = example.model.train()
