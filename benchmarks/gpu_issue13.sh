@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One device call on one H200 (device kind nvidia-h200): issue #13's measurements in at most ${TOTAL:-540} s.
-#   1. the CUDA tests, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
+#   1. unless TEST_LIMIT=0, the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
 #   1b. with KERNELS=1, bench_kernels.py --quick --norm-only: the norm implementations (at most 60 s);
 #   1c. unless SMALL=0, bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
 #   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
+#   2b. with BASELINE_DIR (a copy of another version's dora_fx/, benchmarks/ and pyproject.toml), step 2 again
+#      there for ${BASELINE_CONTENDERS:-lora_inductor dora_fx} (into model_4096_baseline.json): that version
+#      against the same LoRA contender, in the same call (at most 280 s);
 #   3. unless RUN_512=0, bench_model.py at 1 x 512 tokens: every contender, fwd and fwd+bwd (the time left).
 # Both bench_model.py runs time their steps again in ${INTERLEAVE:-5} interleaved rounds (--interleave).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
@@ -25,15 +28,15 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
   echo $((s > 1 ? s : 1))
 }
-bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py into $OUT/NAME.json; if cut short, the table of its JSON
-  local name=$1 limit=$2
+bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py (of ${ROOT:-.}) into $OUT/NAME.json; if cut short, the table of its JSON
+  local name=$1 limit=$2 script=${ROOT:-.}/benchmarks/bench_model.py
   shift 2
-  TAIL=80 run_step "$LOG" "$name" "$limit" python3 benchmarks/bench_model.py --out "$OUT/$name.json" "$@" \
+  TAIL=80 run_step "$LOG" "$name" "$limit" python3 "$script" --out "$OUT/$name.json" "$@" \
     || { [ -f "$OUT/$name.json" ] && TAIL=80 run_step "$LOG" "$name (partial)" 20 \
-      python3 benchmarks/bench_model.py --print-only --out "$OUT/$name.json"; }
+      python3 "$script" --print-only --out "$OUT/$name.json"; }
 }
 
-TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} -m cuda
+[ "${TEST_LIMIT:-100}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} -m cuda
 [ -n "${KERNELS:-}" ] && TAIL=40 run_step "$LOG" kernels_norm "$(left 60)" python3 benchmarks/bench_kernels.py \
   --quick --norm-only --no-inductor --out "$OUT/kernels_norm.json"
 [ -n "${NORM_KERNELS:-}" ] && TAIL=30 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
@@ -42,6 +45,8 @@ TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pyt
   --out "$OUT/profile"
 [ "${SMALL:-1}" != 0 ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
 bench model_4096 "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
+[ -n "${BASELINE_DIR:-}" ] && ROOT=$BASELINE_DIR bench model_4096_baseline "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" \
+  --contenders ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
 [ "${RUN_512:-1}" != 0 ] && bench model_512 "$(left)" --seq 512 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
   --modes fwd fwd+bwd --profile-steps 0
 cat "$LOG"

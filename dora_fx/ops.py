@@ -21,11 +21,14 @@
     where the magnitude needs no gradient (inference, a frozen magnitude): then its backward keeps no
     activation at all.
 ``dora_fx::compose_saving_output``
-    ``compose`` for PEFT's reused base without bias (``out = g·(result + s·lora)``), whose backward
-    keeps the output itself, which the layer's consumer usually keeps anyway, in place of
+    ``out = g·(result + scaled_lora)`` for PEFT's reused base without bias, where the rewrite has
+    moved ``s`` onto the ``r``-wide LoRA activation (``scaled_lora = B·(s·A·x)``). Both inputs then
+    have the same gradient, ``g·d``: one tensor serves the base GEMM's and ``lora_B``'s backward.
+    The backward keeps the output itself, which the layer's consumer usually keeps anyway, in place of
     ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
     gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which recomputes ``adapted`` for
-    those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A`` and ``B``.
+    those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B``
+    and ``s``.
 ``dora_fx::compose_with_adapted``
     The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one
     activation the magnitude's gradient needs (``∂out/∂m = adapted / norm``). Its autograd keeps
@@ -333,7 +336,7 @@ compose_with_adapted.register_autograd(
 @torch.library.triton_op("dora_fx::compose_saving_output", mutates_args=())
 def compose_saving_output(
     result: Tensor,
-    lora: Tensor,
+    scaled_lora: Tensor,
     magnitude: Tensor,
     norm: Tensor,
     scaling: float,
@@ -343,32 +346,36 @@ def compose_saving_output(
     lora_B: Tensor,
     fan_in_fan_out: bool,
 ) -> Tensor:
-    _check_compose_inputs(result, None, None, lora, magnitude, norm)
-    return dispatch.compose(result, None, None, lora, magnitude, norm, scaling)
+    _check_compose_inputs(result, None, None, scaled_lora, magnitude, norm)
+    return dispatch.compose(result, None, None, scaled_lora, magnitude, norm, 1.0)
 
 
 def _compose_saving_output_setup_context(ctx, inputs, output):
-    result, lora, magnitude, norm, scaling, lora_input, weight, lora_A, lora_B, fan_in_fan_out = inputs
-    _remember_form(ctx, (result, None, None, lora, magnitude, norm, scaling))
+    result, scaled_lora, magnitude, norm, scaling, lora_input, weight, lora_A, lora_B, fan_in_fan_out = inputs
+    _remember_form(ctx, (result, None, None, scaled_lora, magnitude, norm, scaling))
     ctx.fan_in_fan_out = fan_in_fan_out
     kept = (output, lora_input, weight, lora_A, lora_B) if ctx.needs_input_grad[2] else (None,) * 5
     ctx.save_for_backward(magnitude, norm, *kept)
 
 
 def _compose_saving_output_backward(ctx, grad_out):
+    """``g·d`` for ``result`` and ``scaled_lora`` (one tensor where their dtypes agree) and the
+    magnitude's gradient ``Σ_tokens d·out / m``, or ``zero_magnitude_grad``'s where ``m = 0``."""
     magnitude, norm, output, lora_input, weight, lora_A, lora_B = ctx.saved_tensors
+    form = (1.0, False, ctx.main_dtype, ctx.lora_dtype)
+    grad_magnitude = None
     if output is None:
-        grad_main, grad_lora = reference.input_gradients(
-            grad_out, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype
+        grad_main, grad_lora = reference.input_gradients(grad_out, magnitude, norm, *form)
+    else:
+        grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
+            grad_out, output, magnitude, norm, *form, True
         )
-        return grad_main, grad_lora, None, None, None, None, None, None, None, None
-    grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
-        grad_out, output, magnitude, norm, ctx.scaling, False, ctx.main_dtype, ctx.lora_dtype, True
-    )
-    at_zero = torch.ops.dora_fx.zero_magnitude_grad(
-        grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
-    )
-    grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
+        at_zero = torch.ops.dora_fx.zero_magnitude_grad(
+            grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
+        )
+        grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
+    if ctx.lora_dtype == ctx.main_dtype:
+        grad_lora = grad_main
     return grad_main, grad_lora, grad_magnitude, None, None, None, None, None, None, None
 
 

@@ -153,9 +153,9 @@ def test_compose_saving_output_gradcheck(zero_magnitudes):
     x, weight, lora_A, lora_B, magnitude, norm = _layer_inputs(zero_magnitudes)
 
     def layer(x, lora_A, lora_B, magnitude):
-        result, lora = x @ weight.T, (x @ lora_A.T) @ lora_B.T
+        result, scaled_lora = x @ weight.T, (1.5 * (x @ lora_A.T)) @ lora_B.T
         return torch.ops.dora_fx.compose_saving_output(
-            result, lora, magnitude, norm, 1.5, x, weight, lora_A, lora_B, False
+            result, scaled_lora, magnitude, norm, 1.5, x, weight, lora_A, lora_B, False
         )
 
     expected = (magnitude / norm) * (x @ weight.T + 1.5 * (x @ lora_A.T) @ lora_B.T)
@@ -165,10 +165,10 @@ def test_compose_saving_output_gradcheck(zero_magnitudes):
 
 def test_compose_saving_output_and_zero_magnitude_grad_opcheck():
     x, weight, lora_A, lora_B, magnitude, norm = (t.detach().float() for t in _layer_inputs(True))
-    result, lora = x @ weight.T, (x @ lora_A.T) @ lora_B.T
+    result, scaled_lora = x @ weight.T, (1.5 * (x @ lora_A.T)) @ lora_B.T
     torch.library.opcheck(
         torch.ops.dora_fx.compose_saving_output.default,
-        (result, lora, magnitude.requires_grad_(), norm, 1.5, x, weight, lora_A, lora_B, False),
+        (result, scaled_lora, magnitude.requires_grad_(), norm, 1.5, x, weight, lora_A, lora_B, False),
     )
     grad_out = torch.randn_like(result)
     torch.library.opcheck(

@@ -15,7 +15,8 @@ Rewrite to::
                                                                     # step (.detach()ed in training graphs)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
     # where m needs a gradient (training), the variants whose backward keeps one activation, not two:
-    out  = dora_fx.compose_saving_output(result, lora, m, norm, s, x, W, A, B, fan_in_fan_out)  # reused base, no bias
+    out  = dora_fx.compose_saving_output(result, B·(s·A·x), m, norm, s, x, W, A, B, fan_in_fan_out)  # reused base,
+                                                                                       # no bias
     out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)   # otherwise
 
 The norm is ``cached_weight_norm`` whatever ``W`` is; :mod:`dora_fx.passes.quantized_norm` then
@@ -373,28 +374,53 @@ def _is_graph_input(node: fx.Node) -> bool:
     return node.op in ("placeholder", "get_attr")
 
 
-def _compose_call(region: Region, norm: fx.Node) -> tuple[object, tuple]:
-    """``(op, args)`` of the composition.
+def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[object, tuple]:
+    """``(op, args)`` of the composition, inserting what its arguments need into ``graph``.
 
     Where the magnitude gets no gradient, ``compose``: its backward keeps no activation. Where it
     does, for PEFT's reused base without bias (``out = g·adapted``) over a weight the graph receives,
     ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
-    anyway, and ``W`` (for the magnitude's gradient where ``m = 0``), which then costs nothing. A
-    ``W`` the graph computes (a dequantized bitsandbytes or torchao weight) would be kept as a dense
-    activation of its own, so there, as otherwise, ``compose_with_adapted``, which keeps
-    ``adapted = base + s·lora``.
+    anyway, and ``W`` (for the magnitude's gradient where ``m = 0``), which then costs nothing. It
+    takes the LoRA output with ``s`` moved onto the ``r``-wide activation (:func:`_scaled_lora`), so
+    that the base GEMM and ``lora_B`` get one gradient tensor between them. A ``W`` the graph computes
+    (a dequantized bitsandbytes or torchao weight) would be kept as a dense activation of its own, so
+    there, as otherwise, ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
     """
     nodes = region.nodes
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
     if not _magnitude_needs_grad(region):
         return torch.ops.dora_fx.compose.default, compose_args
-    if region.base is None and region.bias is None and _is_graph_input(region.weight):
+    if (
+        region.base is None
+        and region.bias is None
+        and _is_graph_input(region.weight)
+        and set(gv.real_users(nodes["lora"])) <= set(nodes.values())
+    ):
         lora_input = nodes["a_x"].args[0]  # as lora_A reads it: kept for lora_A's gradient anyway
         return torch.ops.dora_fx.compose_saving_output.default, (
-            nodes["result"], nodes["lora"], nodes["m"], norm, region.scaling,
+            nodes["result"], _scaled_lora(graph, region), nodes["m"], norm, region.scaling,
             lora_input, region.weight, nodes["A"], nodes["B"], region.fan_in_fan_out,
         )
     return torch.ops.dora_fx.compose_with_adapted.default, compose_args
+
+
+def _scaled_lora(graph: fx.Graph, region: Region) -> fx.Node:
+    """``B·(s·h)`` for PEFT's ``lora = B·h`` (``h = A·x``), inserted at the insertion point.
+
+    ``g·s·lora = g·(B·(s·h))``: with ``s`` applied to the ``r``-wide ``h`` rather than in the
+    composition, the LoRA output's gradient is ``g·d``, the base output's. The cost is one more
+    rounding of ``h`` in its dtype (none where ``s`` is a power of two, as with PEFT's default
+    ``lora_alpha = 2r``).
+    """
+    lora = region.nodes["lora"]
+    h = lora.args[0]
+    scaled_h = graph.call_function(operator.mul, (h, region.scaling))
+    scaled = graph.call_function(lora.target, (scaled_h, *lora.args[1:]), dict(lora.kwargs))
+    for node, like in ((scaled_h, h), (scaled, lora)):
+        value = gv.value(like)
+        with value.fake_mode:
+            node.meta.update(val=torch.empty_like(value), nn_module_stack=lora.meta.get("nn_module_stack", {}))
+    return scaled
 
 
 def _magnitude_needs_grad(region: Region) -> bool:
@@ -426,7 +452,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[RewrittenRegion, list[f
     meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
     out_value = _compose_value(region)
     with graph.inserting_before(out):
-        composed = graph.call_function(*_compose_call(region, new_norm))
+        composed = graph.call_function(*_compose_call(graph, region, new_norm))
         if composed.target is torch.ops.dora_fx.compose_with_adapted.default:
             with out_value.fake_mode:  # adapted: the output's shape, dtype and layout
                 composed.meta.update(val=(out_value, torch.empty_like(out_value)), **meta)
@@ -438,7 +464,15 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[RewrittenRegion, list[f
         for node in {composed, new_out}:
             recompute.tag_kept_output(node, region=f"{module_path(new_out)}:{composed.name}")
     out.replace_all_uses_with(new_out)
-    unread = [*_region_nodes(region), nodes["W"], *gv.transparent_chain(nodes["W"]), *region.weight.all_input_nodes]
+    unread = [
+        *_region_nodes(region), nodes["lora"], nodes["W"], *gv.transparent_chain(nodes["W"]),
+        *region.weight.all_input_nodes,
+    ]
+    inserted = [norm_call, new_norm]
+    if composed.target is torch.ops.dora_fx.compose_saving_output.default:
+        scaled_lora = composed.args[1]
+        inserted += [scaled_lora.args[0], scaled_lora]
+    inserted += [composed, new_out]
     dense = gv.value(nodes["dense"])
     record = RewrittenRegion(
         module=module_path(new_out),
@@ -451,7 +485,7 @@ def rewrite(gm: fx.GraphModule, region: Region) -> tuple[RewrittenRegion, list[f
         dense_bytes_avoided=region.d_out * region.d_in * dense.element_size(),
         before=before,
         norm=norm_call,
-        new_nodes=list(dict.fromkeys((norm_call, new_norm, composed, new_out))),
+        new_nodes=list(dict.fromkeys(inserted)),
         output=new_out,
         input_names=roles,
     )
