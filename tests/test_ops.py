@@ -175,3 +175,18 @@ def test_compose_saving_output_and_zero_magnitude_grad_opcheck():
         torch.ops.dora_fx.zero_magnitude_grad.default,
         (grad_out, x, weight, lora_A, lora_B, 1.5, magnitude.detach(), norm, False),
     )
+
+
+def test_compose_saving_output_gives_result_and_lora_one_gradient_tensor():
+    """``s`` is on the LoRA activation, so ``result`` and ``scaled_lora`` get the same gradient,
+    ``g·d``: one tensor, not two of the output's size."""
+    x, weight, lora_A, lora_B, magnitude, norm = (t.detach().float() for t in _layer_inputs(False))
+    result = (x @ weight.T).requires_grad_()
+    scaled_lora = ((1.5 * (x @ lora_A.T)) @ lora_B.T).requires_grad_()
+    out = torch.ops.dora_fx.compose_saving_output(
+        result, scaled_lora, magnitude.requires_grad_(), norm, 1.5, x, weight, lora_A, lora_B, False
+    )
+    grad_out = torch.randn_like(out)
+    grad_result, grad_lora = torch.autograd.grad(out, (result, scaled_lora), grad_out)
+    torch.testing.assert_close(grad_result, (magnitude / norm).detach() * grad_out)
+    assert grad_lora.data_ptr() == grad_result.data_ptr()
