@@ -6,9 +6,10 @@
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
 #   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
-#   2b. with BASELINE_DIR (a copy of another version's dora_fx/, benchmarks/ and pyproject.toml), step 2 again
-#      there for ${BASELINE_CONTENDERS:-lora_inductor dora_fx} (into model_4096_baseline.json): that version
-#      against the same LoRA contender, in the same call (at most 280 s);
+#   2b. with BASELINE_DIR (a copy of another version, untracked and not ignored so that it travels:
+#      `mkdir _baseline && git archive REV dora_fx benchmarks pyproject.toml | tar -x -C _baseline`),
+#      bench_model.py of that copy with ${BASELINE_ARGS:---seq 4096} for ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
+#      (into model_baseline.json): that version against the same LoRA contender, in the same call (at most 280 s);
 #   3. unless RUN_512=0, bench_model.py at 1 x 512 tokens: every contender, fwd and fwd+bwd (the time left).
 # Both bench_model.py runs time their steps again in ${INTERLEAVE:-5} interleaved rounds (--interleave).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
@@ -45,8 +46,8 @@ bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py (of ${ROOT:-.}) into $OU
   --out "$OUT/profile"
 [ "${SMALL:-1}" != 0 ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
 bench model_4096 "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
-[ -n "${BASELINE_DIR:-}" ] && ROOT=$BASELINE_DIR bench model_4096_baseline "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" \
-  --contenders ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
+[ -n "${BASELINE_DIR:-}" ] && ROOT=$BASELINE_DIR bench model_baseline "$(left 280)" ${BASELINE_ARGS:---seq 4096} \
+  --interleave "${INTERLEAVE:-5}" --contenders ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
 [ "${RUN_512:-1}" != 0 ] && bench model_512 "$(left)" --seq 512 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
   --modes fwd fwd+bwd --profile-steps 0
 cat "$LOG"
