@@ -10,7 +10,8 @@
 #      recomputed and reused)}, fwd and fwd+bwd, timed again in ${INTERLEAVE:-5} interleaved rounds;
 #   5. with GENERATE=1, bench_generate.py ${GEN_ARGS:-} (batch 1 and 8, CUDA graphs);
 #   6. with QDORA=1, bench_qdora.py ${QDORA_ARGS:-} (PEFT eager, dora_fx, QLoRA + Inductor);
-#   7. with NORM_KERNELS=1, norm_host_cost.py --kernels: the recomputed norm's kernels per 8B-shaped layer;
+#   7. with NORM_KERNELS=1, norm_host_cost.py --kernels ${NORM_ARGS:-}: the recomputed norm's kernels per 8B-shaped
+#      layer (NORM_ARGS=--zero-magnitude: also the host cost of the m = 0 gradient's call);
 #   8. with HOST_PACE=1, host_pace.py at 1 x ${SEQ:-512} tokens: host enqueue time per contender.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
 source benchmarks/gpu_common.sh
@@ -42,7 +43,7 @@ fi
 [ -n "${QDORA:-}" ] && TAIL=40 run_step "$LOG" qdora "$(left)" python3 benchmarks/bench_qdora.py \
   --out "$OUT/qdora.json" ${QDORA_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
-  --kernels --out "$OUT/norm_host_cost.json"
+  --kernels ${NORM_ARGS:-} --out "$OUT/norm_host_cost.json"
 [ -n "${HOST_PACE:-}" ] && TAIL=20 run_step "$LOG" host_pace "$(left 240)" python3 benchmarks/host_pace.py \
   --seq "${SEQ:-512}" --out "$OUT/host_pace.json"
 cat "$LOG"

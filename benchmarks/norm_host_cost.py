@@ -1,5 +1,8 @@
 """Where the time of a recomputed norm goes on the host: CPU microseconds per call of each piece of the
 norm over the seven projection shapes of a Llama-3-8B layer (r = 384, bf16), against its GPU time.
+With ``--zero-magnitude``, the same for the ``m = 0`` gradient that the training backward calls per
+layer (``dora_fx::zero_magnitude_grad`` at ``--tokens`` tokens, no ``m = 0``): the op as Inductor's
+code calls it, its entry point without the op dispatch, and the kernel launcher alone.
 
 Host time is measured with the GPU kept busy (``torch.cuda._sleep`` first), so that the calls only
 enqueue work and the clock sees the host's own cost; GPU time is the CUDA-event time of the same calls
@@ -64,6 +67,32 @@ def layer_tensors(r: int, dtype: torch.dtype) -> list[tuple]:
     return out
 
 
+def zero_magnitude_rows(layer: list[tuple], tokens: int, s: float, calls: int) -> list[dict]:
+    """Host and GPU time per layer of the three ways into the ``m = 0`` gradient's kernel."""
+    from dora_fx.kernels import compose
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    inputs = []
+    for w, a, b, _ in layer:
+        d_out, d_in = w.shape
+        grad_out = torch.randn(tokens, d_out, device="cuda", dtype=w.dtype, generator=g)
+        x = torch.randn(tokens, d_in, device="cuda", dtype=w.dtype, generator=g)
+        magnitude = torch.rand(d_out, device="cuda", dtype=w.dtype, generator=g) + 0.5
+        norm = torch.rand(d_out, device="cuda", dtype=torch.float32, generator=g) + 0.5
+        inputs.append((grad_out, x, w, a, b, s, magnitude, norm, False))
+    ways = {
+        "zero_magnitude_grad op": torch.ops.dora_fx.zero_magnitude_grad,
+        "its entry point (no op dispatch)": dispatch.zero_magnitude_grad,
+        "its launcher (no fallback wrapper)": compose.zero_magnitude_grad,
+    }
+    rows = []
+    for name, way in ways.items():
+        fn = lambda way=way: [way(*i) for i in inputs]  # noqa: E731
+        rows.append({"piece": name, "tokens": tokens, "host_us_per_layer": host_us(fn, calls),
+                     "gpu_us_per_layer": gpu_us(fn, calls)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=384)
@@ -71,6 +100,8 @@ def main() -> None:
                         help="calls per measurement (few: the launches must fit in CUDA's queue)")
     parser.add_argument("--kernels", action="store_true", help="also print the GPU kernels of the GEMM-path norm")
     parser.add_argument("--cprofile", action="store_true", help="also print the host profile of the GEMM-path norm")
+    parser.add_argument("--zero-magnitude", action="store_true", help="also time the m = 0 gradient's call")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of the m = 0 gradient's inputs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     layer = layer_tensors(args.rank, torch.bfloat16)
@@ -90,6 +121,9 @@ def main() -> None:
         fn = over_layer(piece)
         rows.append({"piece": name, "host_us_per_layer": host_us(fn, args.calls),
                      "gpu_us_per_layer": gpu_us(fn, args.calls)})
+
+    if args.zero_magnitude:
+        rows += zero_magnitude_rows(layer, args.tokens, s, args.calls)
 
     if args.cprofile:
         import cProfile
