@@ -156,3 +156,43 @@ def test_identity_from_another_graph_is_reported_not_rewritten():
     assert backend.report.rewrites == []
     (miss,) = backend.report.near_misses
     assert "comes from another graph" in miss.reason and "optimize_ddp" in miss.reason
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    """``node`` through views and transposes (what an ``mm`` operand is a view of)."""
+    views = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.permute.default,
+             torch.ops.aten.t.default, torch.ops.aten._unsafe_view.default}
+    while node.op == "call_function" and node.target in views:
+        node = node.args[0]
+    return node
+
+
+def test_base_gemm_and_lora_b_share_one_gradient_tensor_in_the_backward():
+    """With ``s`` on the ``r``-wide LoRA activation, every GEMM of the backward that reads a
+    ``tokens x d_out`` gradient reads the same tensor, ``g·d`` (PEFT's graph has ``g·d`` and ``g·s·d``)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tests import single_layer as sl
+
+    tokens, d_out = 10, 12
+    backward_graphs = []
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    inner = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
+    model = sl.build(d_out=d_out, bias=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=dora_fx.DoraBackend(inner=inner), fullgraph=True)
+    compiled(torch.randn(2, tokens // 2, 16, requires_grad=True)).sum().backward()
+    (graph,) = [gm.graph for gm in backward_graphs]
+    read_by_gemms = {
+        _view_root(arg)
+        for node in graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)
+        for arg in node.args
+        if arg.meta["val"].numel() == tokens * d_out
+    }
+    assert len(read_by_gemms) == 1, read_by_gemms
+    assert [r.variant for r in dora_fx.last_report().graphs[-1].rewrites] == ["reused base"]
