@@ -15,8 +15,8 @@ Rewrite to::
                                                                     # step (.detach()ed in training graphs)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
     # where m needs a gradient (training), the variants whose backward keeps one activation, not two:
-    out  = dora_fx.compose_saving_output(result, B·(s·A·x), m, norm, s, x, W, A, B, fan_in_fan_out)  # reused base,
-                                                                                       # no bias
+    # reused base, no bias (s moved onto the r-wide LoRA activation):
+    out  = dora_fx.compose_saving_output(result, B·(s·A·x), m, norm, s, x, W, A, B, fan_in_fan_out)
     out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)   # otherwise
 
 The norm is ``cached_weight_norm`` whatever ``W`` is; :mod:`dora_fx.passes.quantized_norm` then
@@ -378,8 +378,8 @@ def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[objec
     """``(op, args)`` of the composition, inserting what its arguments need into ``graph``.
 
     Where the magnitude gets no gradient, ``compose``: its backward keeps no activation. Where it
-    does, for PEFT's reused base without bias (``out = g·adapted``) over a weight the graph receives,
-    ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
+    does, for PEFT's reused base without bias (``out = g·adapted``) over a weight the graph receives
+    and a LoRA output that only the region reads, ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
     anyway, and ``W`` (for the magnitude's gradient where ``m = 0``), which then costs nothing. It
     takes the LoRA output with ``s`` moved onto the ``r``-wide activation (:func:`_scaled_lora`), so
     that the base GEMM and ``lora_B`` get one gradient tensor between them. A ``W`` the graph computes
