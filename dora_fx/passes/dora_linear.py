@@ -379,12 +379,13 @@ def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[objec
 
     Where the magnitude gets no gradient, ``compose``: its backward keeps no activation. Where it
     does, for PEFT's reused base without bias (``out = g·adapted``) over a weight the graph receives
-    and a LoRA output that only the region reads, ``compose_saving_output``: its backward keeps ``out``, which the layer's consumer usually keeps
-    anyway, and ``W`` (for the magnitude's gradient where ``m = 0``), which then costs nothing. It
-    takes the LoRA output with ``s`` moved onto the ``r``-wide activation (:func:`_scaled_lora`), so
-    that the base GEMM and ``lora_B`` get one gradient tensor between them. A ``W`` the graph computes
-    (a dequantized bitsandbytes or torchao weight) would be kept as a dense activation of its own, so
-    there, as otherwise, ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
+    and a LoRA output that only the region reads, ``compose_saving_output``: its backward keeps
+    ``out``, which the layer's consumer usually keeps anyway, and ``W`` (for the magnitude's gradient
+    where ``m = 0``), which then costs nothing. It takes the LoRA output with ``s`` moved onto the
+    ``r``-wide activation (:func:`_scaled_lora`), so that the base GEMM and ``lora_B`` get one
+    gradient tensor between them. A ``W`` the graph computes (a dequantized bitsandbytes or torchao
+    weight) would be kept as a dense activation of its own, so there, as otherwise,
+    ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
     """
     nodes = region.nodes
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
