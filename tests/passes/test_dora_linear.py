@@ -188,11 +188,15 @@ def test_base_gemm_and_lora_b_share_one_gradient_tensor_in_the_backward():
     compiled = torch.compile(model, backend=dora_fx.DoraBackend(inner=inner), fullgraph=True)
     compiled(torch.randn(2, tokens // 2, 16, requires_grad=True)).sum().backward()
     (graph,) = [gm.graph for gm in backward_graphs]
-    read_by_gemms = {
-        _view_root(arg)
+    gradient_operands = [
+        arg
         for node in graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)
         for arg in node.args
         if arg.meta["val"].numel() == tokens * d_out
-    }
+    ]
+    # The premise: the three GEMMs that read the gradient (x's through W, lora_B's, the LoRA
+    # activation's) are aten.mm; a torch that decomposed linear's backward otherwise fails here, loudly.
+    assert len(gradient_operands) == 3, [n.format_node() for n in graph.nodes]
+    read_by_gemms = {_view_root(arg) for arg in gradient_operands}
     assert len(read_by_gemms) == 1, read_by_gemms
     assert [r.variant for r in dora_fx.last_report().graphs[-1].rewrites] == ["reused base"]
