@@ -6,7 +6,8 @@
 #     (untracked and not ignored, so that they travel; delete them after);
 #   each runs its own bench_model.py ${BISECT_ARGS:---seq 512 --modes fwd+bwd --interleave 3} for
 #     lora_inductor and dora_fx (into $OUT/bisect_<name>.json), at most ${EACH:-100} s;
-#   with NORM_ARGS, first norm_host_cost.py $NORM_ARGS (host cost of the norm's and m = 0 calls).
+#   with TESTS, first the CUDA tests among $TESTS (at most ${TEST_LIMIT:-60} s);
+#   with NORM_ARGS, then norm_host_cost.py $NORM_ARGS (host cost of the norm's and m = 0 calls).
 # The versions share one Inductor cache, so plain LoRA compiles once: compile times here mean nothing.
 # Summary: $OUT/bisect.log.
 source benchmarks/gpu_common.sh
@@ -19,6 +20,8 @@ left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at 
   [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
   echo $((s > 1 ? s : 1))
 }
+[ -n "${TESTS:-}" ] && TAIL=15 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-60}")" python3 -m pytest -q \
+  -p no:cacheprovider $TESTS -m cuda
 [ -n "${NORM_ARGS:-}" ] && TAIL=30 run_step "$LOG" norm_host_cost "$(left 60)" python3 benchmarks/norm_host_cost.py \
   $NORM_ARGS --out "$OUT/norm_host_cost.json"
 for dir in ${VERSIONS:-. _rev/*}; do

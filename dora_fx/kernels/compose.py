@@ -364,10 +364,17 @@ def compose_backward(
     return _finish(grad_main, grad_main2), _finish(grad_lora, grad_lora2), grad_magnitude
 
 
-@triton.jit
+_ZERO_MAGNITUDE_INTS = ("n_rows", "d_out", "d_in", "r", "stride_grad", "stride_x", "stride_wm", "stride_wk",
+                        "stride_ar", "stride_ak", "stride_bm", "stride_br")
+
+
+@triton.jit(
+    do_not_specialize=_ZERO_MAGNITUDE_INTS,
+    do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "out_ptr"),
+)
 def _zero_magnitude_grad_kernel(
-    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, n_rows, d_out, d_in, r, scaling,
-    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, n_rows, d_out, d_in, r,
+    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, scaling,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -436,19 +443,31 @@ def zero_magnitude_grad(
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """float32 ``[d_out]``: the magnitude's gradient at the features with ``m = 0``, ``0`` elsewhere,
-    as :func:`reference.zero_magnitude_grad`, without a host synchronisation."""
+    as :func:`reference.zero_magnitude_grad`, without a host synchronisation.
+
+    The training backward calls this once per layer, and at most features the kernel only reads ``m``
+    and writes a zero: on real CUDA tensors it launches through :data:`_zero_magnitude_launches`,
+    whose host cost is a fraction of a plain Triton launch's."""
     d_out, d_in = lora_B.shape[0], lora_A.shape[1]
     out = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
     grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
     x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
+    magnitude, norm = _vector(magnitude), _vector(norm)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
-    interpreting = launch.interpreting()
+    ints = (grad2.shape[0], d_out, d_in, lora_A.shape[0], grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
+            *lora_A.stride(), *lora_B.stride())
     block_n = 16
-    launchable(_zero_magnitude_grad_kernel, grad_out)[(triton.cdiv(d_out, block_n),)](
-        grad2, x2, weight, lora_A, lora_B, _vector(magnitude), _vector(norm), out, grad2.shape[0], d_out, d_in,
-        lora_A.shape[0], float(scaling), grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
-        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_N=block_n, BLOCK_T=32 if interpreting else 64, BLOCK_K=32 if interpreting else 64, BLOCK_R=16,
-        UPCAST=mma_upcast(lora_A.dtype, lora_B.dtype), num_warps=4,
-    )
+    grid = (triton.cdiv(d_out, block_n), 1, 1)
+    blocks = (32, 32) if launch.interpreting() else (64, 64)
+    constexprs = (block_n, *blocks, 16, mma_upcast(lora_A.dtype, lora_B.dtype))
+    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude, norm, out)
+    args = (*tensors, *ints, float(scaling), *constexprs)
+    if launch.interpreting():
+        _zero_magnitude_grad_kernel[grid](*args, num_warps=4)
+    else:
+        key = (out.device.index, *(t.dtype for t in tensors), constexprs, launch.fits_int32(*ints))
+        _zero_magnitude_launches.launch(key, grid, args, num_warps=4)
     return out
+
+
+_zero_magnitude_launches = launch.CompiledLaunches(_zero_magnitude_grad_kernel)

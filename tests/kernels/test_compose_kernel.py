@@ -284,3 +284,26 @@ def test_zero_magnitude_grad_matches_reference(fan_in_fan_out, dtype):
     assert got.dtype == torch.float32 and (got[magnitude != 0] == 0).all()
     assert (expected[zero] != 0).all()
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_zero_magnitude_grad_relaunches_its_compiled_kernel_for_other_layouts():
+    """After the first launch the kernel goes through its kept compiled form
+    (``launch.CompiledLaunches``), which must serve any shape, stride and alignment of the same dtypes:
+    here a second layer of other sizes, with inputs that are strided and start off 16-byte boundaries."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    randn = lambda *s: torch.randn(s, generator=gen, device="cuda")  # noqa: E731
+    launches = compose._zero_magnitude_launches
+    launches._compiled.clear()
+    for d_out, d_in, r, tokens, offset in ((40, 70, 5, 13, 0), (77, 130, 9, 29, 1)):
+        weight = randn(d_out, d_in + offset)[:, offset:]
+        x = randn(tokens, d_in + 3)[:, offset : offset + d_in]
+        lora_A, lora_B, grad_out = randn(r, d_in), randn(d_out, r), randn(tokens, d_out + offset)[:, offset:]
+        magnitude = randn(d_out).abs() + 0.5
+        magnitude[::7] = 0
+        norm = torch.rand(d_out, generator=gen, device="cuda") + 0.5
+        args = (grad_out, x, weight, lora_A, lora_B, 0.7, magnitude, norm, False)
+        got = compose.zero_magnitude_grad(*args)
+        expected = reference.zero_magnitude_grad(*args)
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+    assert len(launches._compiled) == 1

@@ -43,3 +43,46 @@ def test_cpu_tensors_always_get_the_plain_kernel():
     kernel = object()
     with FakeTensorMode():
         assert launch.launchable(kernel, torch.ones(3)) is kernel
+
+
+class _RecordingKernel:
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](...)`` records the call and returns a
+    compiled stand-in that records its own launches."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **options):
+            self.calls.append(("jit", grid, args, options))
+            return _RecordingCompiled(self.calls, len(self.calls))
+
+        return run
+
+
+class _RecordingCompiled:
+    def __init__(self, calls, n):
+        self.calls, self.n = calls, n
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((f"compiled {self.n}", grid, args, {}))
+
+
+def test_compiled_launches_compile_once_per_key_then_launch_the_compiled_kernel():
+    kernel = _RecordingKernel()
+    launches = launch.CompiledLaunches(kernel)
+    launches.launch(("a",), (2, 1, 1), (1, 2), num_warps=4)
+    launches.launch(("a",), (3, 1, 1), (5, 6), num_warps=4)
+    launches.launch(("b",), (1, 1, 1), (7,), num_warps=8)
+    launches.launch(("a",), (4, 1, 1), (8, 9), num_warps=4)
+    assert kernel.calls == [
+        ("jit", (2, 1, 1), (1, 2), {"num_warps": 4}),
+        ("compiled 1", (3, 1, 1), (5, 6), {}),
+        ("jit", (1, 1, 1), (7,), {"num_warps": 8}),
+        ("compiled 1", (4, 1, 1), (8, 9), {}),
+    ]
+
+
+def test_fits_int32_is_the_boundary_triton_types_by():
+    assert launch.fits_int32(0, 2**31 - 1)
+    assert not launch.fits_int32(3, 2**31)
