@@ -21,6 +21,7 @@ through a row stride, so row-strided views need no copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -448,19 +449,16 @@ def zero_magnitude_grad(
     The training backward calls this once per layer, and at most features the kernel only reads ``m``
     and writes a zero: on real CUDA tensors it launches through :data:`_zero_magnitude_launches`,
     whose host cost is a fraction of a plain Triton launch's."""
-    d_out, d_in = lora_B.shape[0], lora_A.shape[1]
+    (d_out, r), d_in = lora_B.shape, lora_A.shape[1]
     out = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
     grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
     x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
-    magnitude, norm = _vector(magnitude), _vector(norm)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
-    ints = (grad2.shape[0], d_out, d_in, lora_A.shape[0], grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
+    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude.contiguous(), norm.contiguous(), out)
+    ints = (grad2.shape[0], d_out, d_in, r, grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
             *lora_A.stride(), *lora_B.stride())
-    block_n = 16
-    grid = (triton.cdiv(d_out, block_n), 1, 1)
-    blocks = (32, 32) if launch.interpreting() else (64, 64)
-    constexprs = (block_n, *blocks, 16, mma_upcast(lora_A.dtype, lora_B.dtype))
-    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude, norm, out)
+    grid = (triton.cdiv(d_out, _ZERO_MAGNITUDE_BLOCK_N), 1, 1)
+    constexprs = _zero_magnitude_constexprs(lora_A.dtype, lora_B.dtype)
     args = (*tensors, *ints, float(scaling), *constexprs)
     if launch.interpreting():
         _zero_magnitude_grad_kernel[grid](*args, num_warps=4)
@@ -468,6 +466,16 @@ def zero_magnitude_grad(
         key = (out.device.index, *(t.dtype for t in tensors), constexprs, launch.fits_int32(*ints))
         _zero_magnitude_launches.launch(key, grid, args, num_warps=4)
     return out
+
+
+_ZERO_MAGNITUDE_BLOCK_N = 16
+
+
+@functools.cache
+def _zero_magnitude_constexprs(a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple:
+    """``BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, UPCAST`` of ``_zero_magnitude_grad_kernel``."""
+    blocks = (32, 32) if launch.interpreting() else (64, 64)
+    return (_ZERO_MAGNITUDE_BLOCK_N, *blocks, 16, mma_upcast(a_dtype, b_dtype))
 
 
 _zero_magnitude_launches = launch.CompiledLaunches(_zero_magnitude_grad_kernel)

@@ -18,8 +18,10 @@ import torch
 from torch.library import wrap_triton
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read once: Triton
+    reads it when it decorates the kernels, which are imported with the first launch."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
