@@ -388,7 +388,9 @@ compose_saving_output.register_autograd(
 # API (a light call). As a ``triton_op`` its kernel would be launched from Inductor's code, but
 # Inductor then analyses the kernel (Triton's TTIR) at every call site: about 0.2 s of compile per
 # layer (5.6 s of the 4-layer Llama stack's 32.5 s first call on an H200), for a kernel that at most
-# features only reads ``m`` and writes a zero.
+# features only reads ``m`` and writes a zero. The op launches the kernel through the compiled form
+# Triton returned on its first launch (``launch.CompiledLaunches``): 54 µs of host time a call on the
+# H200 machine, against 119 µs through ``JITFunction.run``.
 _lib.define(
     "zero_magnitude_grad(Tensor grad_out, Tensor lora_input, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "float scaling, Tensor magnitude, Tensor norm, bool fan_in_fan_out) -> Tensor"
