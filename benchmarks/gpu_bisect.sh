@@ -15,11 +15,6 @@ TOTAL=${TOTAL:-500}
 LOG=$OUT/bisect.log
 gpu_setup "$OUT/versions.log"
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at most AT_MOST, at least 1
-  local s=$((TOTAL - 10 - SECONDS))
-  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
-  echo $((s > 1 ? s : 1))
-}
 [ -n "${TESTS:-}" ] && TAIL=15 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-60}")" python3 -m pytest -q \
   -p no:cacheprovider $TESTS -m cuda
 [ -n "${NORM_ARGS:-}" ] && TAIL=30 run_step "$LOG" norm_host_cost "$(left 60)" python3 benchmarks/norm_host_cost.py \

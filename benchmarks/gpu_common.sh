@@ -1,4 +1,4 @@
-# Sourced by the one-call device scripts (gpu_lanes.sh, gpu_distributed.sh): set-up and a
+# Sourced by the one-call device scripts (gpu_*.sh): set-up, the time left of a call, and a
 # time-limited step that appends the tail of its output to a summary log.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -17,6 +17,14 @@ gpu_setup() {
   python3 -c "import torch, triton, peft, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', t.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" | tee "$1"
   python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" >>"$1" 2>&1
   date -u | tee -a "$1"
+}
+
+# left [AT_MOST]: seconds left of the script's ${TOTAL} for a step (10 s kept for the end), at most
+# AT_MOST, at least 1.
+left() {
+  local s=$((TOTAL - 10 - SECONDS))
+  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
+  echo $((s > 1 ? s : 1))
 }
 
 # run_step LOG NAME LIMIT_S COMMAND...: COMMAND under a time limit; its last ${TAIL:-30} lines (less

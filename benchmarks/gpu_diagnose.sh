@@ -19,11 +19,6 @@ TOTAL=${TOTAL:-420}
 LOG=$OUT/diagnose.log
 gpu_setup "$OUT/versions.log"
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at most AT_MOST, at least 1
-  local s=$((TOTAL - 10 - SECONDS))
-  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
-  echo $((s > 1 ? s : 1))
-}
 [ "${TEST_LIMIT:-150}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-150}")" python3 -m pytest -q $([ -n "${ALL_TESTS:-}" ] || echo -x) -p no:cacheprovider ${TESTS:-tests} -m cuda
 if [ "${PROFILE:-1}" != 0 ]; then
   [ -n "${OUTPUT_CODE:-}" ] && export TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log

@@ -24,11 +24,6 @@ LOG=$OUT/issue13.log
 gpu_setup "$OUT/versions.log"
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 
-left() {  # left [AT_MOST]: seconds left for a step (10 s kept for the end), at most AT_MOST, at least 1
-  local s=$((TOTAL - 10 - SECONDS))
-  [ -n "${1:-}" ] && [ "$s" -gt "$1" ] && s=$1
-  echo $((s > 1 ? s : 1))
-}
 bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py (of ${ROOT:-.}) into $OUT/NAME.json; if cut short, the table of its JSON
   local name=$1 limit=$2 script=${ROOT:-.}/benchmarks/bench_model.py
   shift 2

@@ -365,12 +365,12 @@ def compose_backward(
     return _finish(grad_main, grad_main2), _finish(grad_lora, grad_lora2), grad_magnitude
 
 
-_ZERO_MAGNITUDE_INTS = ("n_rows", "d_out", "d_in", "r", "stride_grad", "stride_x", "stride_wm", "stride_wk",
-                        "stride_ar", "stride_ak", "stride_bm", "stride_br")
+_ZERO_MAGNITUDE_BLOCK_N = 16
 
 
-@triton.jit(
-    do_not_specialize=_ZERO_MAGNITUDE_INTS,
+@triton.jit(  # unspecialized integers and pointers: one compiled form serves every layer (CompiledLaunches)
+    do_not_specialize=("n_rows", "d_out", "d_in", "r", "stride_grad", "stride_x", "stride_wm", "stride_wk",
+                       "stride_ar", "stride_ak", "stride_bm", "stride_br"),
     do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "out_ptr"),
 )
 def _zero_magnitude_grad_kernel(
@@ -467,9 +467,6 @@ def zero_magnitude_grad(
         key = (out.device.index, *(t.dtype for t in tensors), constexprs, launch.fits_int32(*ints))
         _zero_magnitude_launches.launch(key, grid, args, num_warps=4)
     return out
-
-
-_ZERO_MAGNITUDE_BLOCK_N = 16
 
 
 @functools.cache
