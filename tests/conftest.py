@@ -49,3 +49,13 @@ def _cuda_tests_run_the_kernels(request):
     dispatch.fallbacks.clear()
     yield
     assert not dispatch.fallbacks, f"ops fell back to the reference math: {dict(dispatch.fallbacks)}"
+
+
+@pytest.fixture(autouse=True)
+def _small_outputs_take_the_large_output_path(monkeypatch):
+    """Tests run layers of a few tokens; they exercise what training graphs of thousands of tokens
+    do, keeping the output for the magnitude's gradient (``compose_saving_output``). The tests of the
+    size policy itself (tests/test_keep_output_policy.py) set the threshold they check."""
+    from dora_fx.passes import dora_linear
+
+    monkeypatch.setattr(dora_linear, "KEEP_OUTPUT_MIN_ROWS", 1)

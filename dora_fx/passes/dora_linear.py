@@ -31,6 +31,7 @@ as a near-miss with the reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -368,6 +369,30 @@ def _region_nodes(region: Region) -> set[fx.Node]:
     return nodes
 
 
+# The fewest rows (tokens in the batch) at which a training graph keeps the layer's output for the
+# magnitude's gradient (``compose_saving_output``) rather than ``adapted`` (``compose_with_adapted``).
+# Keeping the output saves an activation of rows x d_out per layer, but costs each layer's backward one
+# ``zero_magnitude_grad`` call (about 40 µs of host time on the H200 machine) and two more kernel
+# launches (``s·h`` and its gradient). Below this size the host sets the pace of the step and the
+# activation is small: at 512 tokens of the 8B-shaped stack the 28 layers' ``adapted`` tensors are
+# 46 MiB, their calls and launches some 2 ms of a 12 ms step. Rows that are symbolic (dynamic
+# shapes) count as many. Tests lower it to exercise the other path on small inputs.
+KEEP_OUTPUT_MIN_ROWS = 2048
+
+
+def _rows(node: fx.Node) -> int | None:
+    """The output's rows (all dimensions but the last), or ``None`` where they are symbolic."""
+    leading = gv.value(node).shape[:-1]
+    return math.prod(leading) if all(isinstance(size, int) for size in leading) else None
+
+
+def _keeps_output_pays(region: Region) -> bool:
+    """Whether this layer's output is large enough that keeping it in place of ``adapted`` saves more
+    than the host time it costs (:data:`KEEP_OUTPUT_MIN_ROWS`)."""
+    rows = _rows(region.nodes["out"])
+    return rows is None or rows >= KEEP_OUTPUT_MIN_ROWS
+
+
 def _is_graph_input(node: fx.Node) -> bool:
     """Whether ``node`` is a tensor the graph receives (an input, or a parameter of ``gm``), as
     opposed to one it computes (a dequantized weight, say)."""
@@ -384,8 +409,9 @@ def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[objec
     where ``m = 0``), which then costs nothing. It takes the LoRA output with ``s`` moved onto the
     ``r``-wide activation (:func:`_scaled_lora`), so that the base GEMM and ``lora_B`` get one
     gradient tensor between them. A ``W`` the graph computes (a dequantized bitsandbytes or torchao
-    weight) would be kept as a dense activation of its own, so there, as otherwise,
-    ``compose_with_adapted``, which keeps ``adapted = base + s·lora``.
+    weight) would be kept as a dense activation of its own, so there, as otherwise and for outputs of
+    fewer than :data:`KEEP_OUTPUT_MIN_ROWS` rows, ``compose_with_adapted``, which keeps
+    ``adapted = base + s·lora``.
     """
     nodes = region.nodes
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
@@ -396,6 +422,7 @@ def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[objec
         and region.bias is None
         and _is_graph_input(region.weight)
         and set(gv.real_users(nodes["lora"])) <= set(nodes.values())
+        and _keeps_output_pays(region)
     ):
         lora_input = nodes["a_x"].args[0]  # as lora_A reads it: kept for lora_A's gradient anyway
         return torch.ops.dora_fx.compose_saving_output.default, (
