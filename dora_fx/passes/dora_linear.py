@@ -15,7 +15,7 @@ Rewrite to::
                                                                     # step (.detach()ed in training graphs)
     out  = dora_fx.compose(result, base | None, bias | None, lora, m, norm, s)
     # where m needs a gradient (training), the variants whose backward keeps one activation, not two:
-    # reused base, no bias (s moved onto the r-wide LoRA activation):
+    # reused base, no bias, KEEP_OUTPUT_MIN_ROWS rows or more (s moved onto the r-wide LoRA activation):
     out  = dora_fx.compose_saving_output(result, B·(s·A·x), m, norm, s, x, W, A, B, fan_in_fan_out)
     out, _ = dora_fx.compose_with_adapted(result, base | None, bias | None, lora, m, norm, s)   # otherwise
 
