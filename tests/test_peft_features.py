@@ -110,9 +110,14 @@ def test_merge_and_unload_after_training_under_the_backend():
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
 
 
-def test_gradient_checkpointing_is_rewritten_and_matches_eager():
-    """Non-reentrant checkpointing: the DoRA regions live in the checkpoint bodies (sub-graphs)."""
+@pytest.mark.parametrize("keeps_output", [True, False], ids=["keeps-output", "keeps-adapted"])
+def test_gradient_checkpointing_is_rewritten_and_matches_eager(monkeypatch, keeps_output):
+    """Non-reentrant checkpointing: the DoRA regions live in the checkpoint bodies (sub-graphs), with
+    either activation kept for the magnitude's gradient (``dora_linear.KEEP_OUTPUT_MIN_ROWS``)."""
+    from dora_fx.passes import dora_linear
     from tests.helpers import differentiable_inputs, fresh, step, zero_grads
+
+    monkeypatch.setattr(dora_linear, "KEEP_OUTPUT_MIN_ROWS", 1 if keeps_output else 10**9)
 
     example = models.build("llama")
     model = example.model.train()
@@ -137,3 +142,6 @@ def test_gradient_checkpointing_is_rewritten_and_matches_eager():
         ops = op_counts(body)
         assert ops[torch.eye] == 0
         assert ops[torch.ops.dora_fx.cached_weight_norm.default] == example.dora_layers // 2
+        kept_output = ops[torch.ops.dora_fx.compose_saving_output.default]
+        assert kept_output == (example.dora_layers // 2 if keeps_output else 0)
+        assert ops[torch.ops.dora_fx.compose_with_adapted.default] == example.dora_layers // 2 - kept_output
