@@ -376,9 +376,10 @@ def _region_nodes(region: Region) -> set[fx.Node]:
 # launches (``s·h`` and its gradient). Where the host sets the pace of the step, that host time is
 # the step's time, and the activation is small: at 512 tokens of the 8B-shaped stack (4 layers) the
 # 28 ``adapted`` tensors are 168 MiB, and keeping them took the train step from 1.60x to 1.35-1.38x
-# plain LoRA's (benchmarks/README.md, session 11). That stack's GPU time overtakes its host time at
-# about 1024 tokens on the H200; from there on the host time is hidden and the memory counts. Rows
-# that are symbolic (dynamic shapes) count as many. Tests lower it to exercise the other path.
+# plain LoRA's (benchmarks/README.md, session 11). Its step takes about 7 ms of GPU time at 512 tokens
+# and 44 ms at 4096, against some 12 ms of host time: the GPU sets the pace from about 1024 tokens on
+# (an estimate, not measured there), where the host time is hidden and the memory counts. Rows that
+# are symbolic (dynamic shapes) count as many. Tests lower it to exercise the other path.
 KEEP_OUTPUT_MIN_ROWS = 1024
 
 
