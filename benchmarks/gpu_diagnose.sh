@@ -2,7 +2,7 @@
 # One device call on one H200 (device kind nvidia-h200): the CUDA tests, where the 512-token train
 # step's time goes, and (optionally) the small-batch and generation benchmarks, in at most ${TOTAL:-420} s.
 #   1. the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-150} s (stopping at the first failure unless ALL_TESTS=1);
-#   2. unless PROFILE=0, profile_step.py --mode ${PROFILE_MODE:-train} at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
+#   2. unless PROFILE=0, profile_step.py --mode ${PROFILE_MODE:-train} ${PROFILE_ARGS:-} (--with-stack: Python frames) at 1 x ${SEQ:-512} tokens: plain LoRA + Inductor and dora_fx (host and GPU time,
 #      traces; with OUTPUT_CODE=1 also Inductor's generated code, $OUT/output_code.log.gz; in train mode
 #      trace_breakdown.py's GPU time per kind of kernel, forward and backward);
 #   3. with SMALL=1, bench_small_batch.py (two layers, 8 tokens, with and without CUDA graphs);
@@ -23,7 +23,7 @@ export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 if [ "${PROFILE:-1}" != 0 ]; then
   [ -n "${OUTPUT_CODE:-}" ] && export TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log
   TAIL=60 run_step "$LOG" profile_step "$(left 200)" python3 benchmarks/profile_step.py --seq "${SEQ:-512}" \
-    --mode "${PROFILE_MODE:-train}" --out "$OUT/profile"
+    --mode "${PROFILE_MODE:-train}" --out "$OUT/profile" ${PROFILE_ARGS:-}
   [ -n "${OUTPUT_CODE:-}" ] && { unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log"; }
   [ "${PROFILE_MODE:-train}" = train ] && TAIL=30 run_step "$LOG" trace_breakdown 30 python3 benchmarks/trace_breakdown.py \
     "$OUT/profile" --out "$OUT/profile/trace_breakdown.json"

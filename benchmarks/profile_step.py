@@ -1,7 +1,7 @@
 """Where a train step (or an eval forward) of the Llama-3-8B-shaped stack spends its time, host and GPU:
 plain LoRA + Inductor against dora_fx (issue #13's and #14's 512-token gaps).
 
-    python benchmarks/profile_step.py [--seq 512] [--mode train] [--contenders lora_inductor dora_fx] [--steps 3] [--out DIR]
+    python benchmarks/profile_step.py [--seq 512] [--mode train] [--contenders lora_inductor dora_fx] [--steps 3] [--out DIR] [--with-stack]
 
 The stacks and contenders of ``bench_model.py`` (the same base weights, A and B; in training dora_fx with
 A's and B's versions moved on before each call, so that the norm is recomputed as after an optimizer
@@ -17,7 +17,8 @@ a warm-up, ``--steps`` forward + backward steps (eval: forwards under ``no_grad`
   backward's includes the wait for the GPU where it catches up);
 - ``cpu_top`` and ``gpu_top``: the operators by self CPU time and the kernels by device time.
 
-With ``--out`` the JSON and one Chrome trace per contender (``trace_<contender>.json.gz``) go there.
+With ``--out`` the JSON and one Chrome trace per contender (``trace_<contender>.json.gz``) go there;
+``--with-stack`` adds the Python frames to the traces (where the host's time goes between ops).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _events_ms(prof, name: str, steps: int) -> float:
 
 
 def profile_contender(fn, model, batch, device: torch.device, steps: int, trace: pathlib.Path | None,
-                      train: bool = True) -> dict:
+                      train: bool = True, with_stack: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     params = bench_model.trainable(model) if train else []
@@ -57,7 +58,7 @@ def profile_contender(fn, model, batch, device: torch.device, steps: int, trace:
             step()
     C.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with grad_mode, profile(activities=activities) as prof:
+    with grad_mode, profile(activities=activities, with_stack=with_stack) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             bench_model.clear_grads(params)
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--out", type=pathlib.Path, help="folder for profile_step.json and the traces")
+    parser.add_argument("--with-stack", action="store_true",
+                        help="record Python frames in the traces (host time the ops' events do not cover)")
     args = parser.parse_args()
     device = C.step_device(args)
     if args.out:
@@ -118,7 +121,8 @@ def main() -> None:
         else:
             fn = C.contenders(model)["dora_fx" if args.mode == "train" else "dora_fx_cached"]
         trace = args.out / f"trace_{name}.json.gz" if args.out else None
-        rows[name] = profile_contender(fn, model, batch, device, args.steps, trace, train=args.mode == "train")
+        rows[name] = profile_contender(fn, model, batch, device, args.steps, trace, train=args.mode == "train",
+                                       with_stack=args.with_stack)
         del model, fn
         torch._dynamo.reset()
         C.free(device)
