@@ -22,7 +22,7 @@ import _common as C  # first: it puts this checkout on sys.path, ahead of any in
 import torch
 
 import dora_fx
-from dora_fx.examples.models import LLAMA_TARGETS, randomize_adapters
+from dora_fx.examples import models
 
 _FUSED = re.compile(r"^\s+(?:cpp_fused\w*|triton_\w+\.run)\(", re.M)
 _EXTERN = re.compile(r"extern_kernels\.\w+\(")
@@ -32,16 +32,8 @@ CONTENDERS = {"lora_inductor": (False, "inductor"), "dora_fx": (True, dora_fx.do
 
 
 def build(use_dora: bool, layers: int, device: torch.device) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
-                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
-    adapters = LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, use_dora=use_dora, lora_dropout=0.0)
-    model = get_peft_model(llama, adapters)
-    randomize_adapters(model, torch.Generator().manual_seed(1))
-    return model.to(device).train()
+    example = models.build("llama", rank=8, hidden=64, layers=layers, use_dora=use_dora)
+    return example.model.to(device).train()
 
 
 def count(code: str) -> dict:
@@ -70,7 +62,7 @@ def main() -> None:
         _, codes = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
         for graph, code in zip(("forward", "backward"), codes):
             rows.append({"contender": name, "graph": graph, **count(code)})
-    print(f"kernel launches per compiled graph, {args.layers}-layer Llama, DoRA/LoRA on {len(LLAMA_TARGETS)} "
+    print(f"kernel launches per compiled graph, {args.layers}-layer Llama, DoRA/LoRA on {len(models.LLAMA_TARGETS)} "
           f"projections, {device.type}")
     print(C.table(("contender", "graph", "fused", "extern", "ops", "op names"),
                   [(r["contender"], r["graph"], r["fused"], r["extern"], r["ops"], " ".join(r["op_names"]))

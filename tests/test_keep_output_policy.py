@@ -20,10 +20,10 @@ SAVING = torch.ops.dora_fx.compose_saving_output.default
 ADAPTED = torch.ops.dora_fx.compose_with_adapted.default
 
 
-def _compose_ops(model, x: torch.Tensor, **compile_kwargs):
+def _compose_ops(model, x: torch.Tensor):
     """``(saving, adapted)``: how often the training graph of ``model(x)`` calls each compose."""
     backend = RecordingBackend()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, **compile_kwargs)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     compiled(x).sum().backward()
     (gm,) = backend.graphs
     ops = op_counts(gm)

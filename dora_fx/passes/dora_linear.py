@@ -383,17 +383,12 @@ def _region_nodes(region: Region) -> set[fx.Node]:
 KEEP_OUTPUT_MIN_ROWS = 1024
 
 
-def _rows(node: fx.Node) -> int | None:
-    """The output's rows (all dimensions but the last), or ``None`` where they are symbolic."""
-    leading = gv.value(node).shape[:-1]
-    return math.prod(leading) if all(isinstance(size, int) for size in leading) else None
-
-
 def _keeps_output_pays(region: Region) -> bool:
-    """Whether this layer's output is large enough that keeping it in place of ``adapted`` saves more
-    than the host time it costs (:data:`KEEP_OUTPUT_MIN_ROWS`)."""
-    rows = _rows(region.nodes["out"])
-    return rows is None or rows >= KEEP_OUTPUT_MIN_ROWS
+    """Whether this layer's output has enough rows (all dimensions but the last) that keeping it in
+    place of ``adapted`` saves more than the host time it costs (:data:`KEEP_OUTPUT_MIN_ROWS`)."""
+    leading = gv.value(region.nodes["out"]).shape[:-1]
+    symbolic = not all(isinstance(size, int) for size in leading)
+    return symbolic or math.prod(leading) >= KEEP_OUTPUT_MIN_ROWS
 
 
 def _is_graph_input(node: fx.Node) -> bool:
