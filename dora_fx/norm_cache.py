@@ -145,12 +145,13 @@ def store(weight, lora_A, lora_B, scaling: float, fan_in_fan_out: bool, norm: to
 
 
 def row_squares(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """``||W_i||²`` over the rows of ``W`` (``W = weight.T`` when ``fan_in_fan_out``) in float32,
-    computed once while ``weight`` is unchanged."""
+    """``||W_i||²`` over the rows of ``W`` (``W = weight.T`` when ``fan_in_fan_out``) in float32
+    (float64 for a float64 ``weight``), computed once while ``weight`` is unchanged."""
 
     def compute() -> torch.Tensor:
         w_rows = weight.T if fan_in_fan_out else weight
-        return torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        return torch.linalg.vector_norm(w_rows, dim=1, dtype=dtype).square()
 
     return kept_row_squares(weight, fan_in_fan_out, compute)
 

@@ -6,10 +6,11 @@ graph is the same object, with the same storage and the same version counter, an
 happened (:func:`dora_fx.norm_cache.epoch`; fused AdamW writes parameters without moving their
 versions). The check is a tuple comparison per call; nothing is computed on a hit.
 
-Each norm lives at one address for the life of the compiled graph, refreshed in place, so the compiled
-graph can treat it as a static input (CUDA graphs read it without a copy). A refresh moves the buffers'
-version counters: a backward that saved a norm before its W, A or B changed fails with autograd's
-in-place error rather than using the new norm.
+The norms live in flat buffers (one per dtype and device, each norm at its offset,
+:mod:`dora_fx.passes.lift_norms`) at one address for the life of the compiled graph, refreshed in
+place, so the compiled graph can treat them as static inputs (CUDA graphs read them without a copy).
+A refresh moves the buffers' version counters: a backward that saved a norm before its W, A or B
+changed fails with autograd's in-place error rather than using the new norm.
 
 On CUDA, all the norms of a graph are recomputed by one replay of a CUDA graph captured on the first
 refresh (a dozen kernels per norm otherwise cost the host more than the GPU), captured again when a
@@ -28,7 +29,7 @@ import torch
 
 from dora_fx import norm_cache, ops
 from dora_fx.kernels import dispatch, launch
-from dora_fx.passes.lift_norms import LiftedNorm
+from dora_fx.passes.lift_norms import LiftedNorm, buffer_sizes
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +37,32 @@ Tensor = torch.Tensor
 
 
 def example_norms(specs: Sequence[LiftedNorm], example_inputs: Sequence) -> list[Tensor]:
-    """Example values of the lifted norms for the compiler, of the kind ``example_inputs`` are (fake or real)."""
+    """Example values of the lifted norm buffers for the compiler, of the kind ``example_inputs`` are
+    (fake or real)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     with fake_mode or contextlib.nullcontext():
         return [
-            torch.zeros(spec.d_out, dtype=spec.dtype, device=example_inputs[spec.weight].device) for spec in specs
+            torch.zeros(size, dtype=dtype, device=_device(specs, i, example_inputs))
+            for i, (size, dtype) in enumerate(buffer_sizes(specs))
         ]
 
 
+def _device(specs: Sequence[LiftedNorm], buffer: int, args: Sequence) -> torch.device:
+    return next(args[s.weight].device for s in specs if s.buffer == buffer)
+
+
 class NormInputs:
-    """The lifted norms of one compiled graph: ``norms(args)`` gives their values for the graph's inputs."""
+    """The lifted norms of one compiled graph: ``norms(args)`` gives the buffers that hold their values
+    for the graph's inputs."""
 
     def __init__(self, specs: Sequence[LiftedNorm]):
         self.specs = tuple(specs)
+        self._sizes = buffer_sizes(self.specs)
         self._positions = sorted({i for s in self.specs for i in (s.weight, s.lora_A, s.lora_B)})
         self._weight_slots = [self._positions.index(i) for i in sorted({s.weight for s in self.specs})]
         self._state: tuple | None = None
         self._buffers: list[Tensor] | None = None
+        self._views: list[Tensor] | None = None  # each spec's norm, a view into its buffer
         self._graph: _CapturedNorms | None = None
         self._capture_failed = False
         self.refreshes = 0
@@ -68,11 +78,14 @@ class NormInputs:
         return self._buffers
 
     def traced_norms(self, args: Sequence) -> list[Tensor]:
-        """The norms as ``dora_fx::weight_norm`` calls, for inputs that are traced rather than real
-        (fake tensors, a tracer): nothing is kept."""
-        return [
+        """The norm buffers from ``dora_fx::weight_norm`` calls, for inputs that are traced rather than
+        real (fake tensors, a tracer): nothing is kept."""
+        norms = [
             torch.ops.dora_fx.weight_norm(args[s.weight], args[s.lora_A], args[s.lora_B], s.scaling, s.fan_in_fan_out)
             for s in self.specs
+        ]
+        return [
+            torch.cat([norm for norm, s in zip(norms, self.specs) if s.buffer == i]) for i in range(len(self._sizes))
         ]
 
     def _refresh(self, args: Sequence, tensors: list[Tensor], state: tuple | None) -> None:
@@ -80,12 +93,14 @@ class NormInputs:
         with torch.no_grad():
             if self._buffers is None:
                 self._buffers = [
-                    torch.empty(s.d_out, dtype=s.dtype, device=args[s.weight].device) for s in self.specs
+                    torch.empty(size, dtype=dtype, device=_device(self.specs, i, args))
+                    for i, (size, dtype) in enumerate(self._sizes)
                 ]
+                self._views = [self._buffers[s.buffer].narrow(0, s.offset, s.d_out) for s in self.specs]
             # The graph's key reads versions: inputs without any (inference tensors) are computed eagerly.
             if state is not None and self._use_cuda_graph(tensors) and self._replayed(args, state):
                 return
-            torch._foreach_copy_(self._buffers, self._compute(args))
+            torch._foreach_copy_(self._views, self._compute(args))
 
     def _compute(self, args: Sequence, squares: list[Tensor] | None = None) -> list[Tensor]:
         squares = squares or [None] * len(self.specs)
@@ -116,7 +131,7 @@ class NormInputs:
             squares = self._row_squares(args)  # kept outside the graph, read by it
 
             def compute_into_buffers():
-                torch._foreach_copy_(self._buffers, self._compute(args, squares))
+                torch._foreach_copy_(self._views, self._compute(args, squares))
 
             try:
                 self._graph = _CapturedNorms(key, compute_into_buffers, keep=squares)

@@ -3,6 +3,8 @@ unchanged, recomputed after every kind of change, kept at one address."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -126,7 +128,8 @@ def test_compiled_model_takes_its_norms_as_inputs(monkeypatch, inner):
     assert bank.refreshes == 2
 
 
-def test_lifted_inputs_are_named_and_the_op_is_gone():
+def test_the_norms_are_slices_of_one_input():
+    """Every lifted norm of a graph lies in one flat buffer input: one more input, not one per layer."""
     from tests.helpers import RecordingBackend, op_counts
 
     example = models.build("mlp")
@@ -136,9 +139,68 @@ def test_lifted_inputs_are_named_and_the_op_is_gone():
         compiled(**example.make_inputs(torch.Generator().manual_seed(0)))
     (gm,) = backend.graphs
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-    lifted = [n for n in names if n.startswith(NAME_PREFIX)]
-    assert len(lifted) == example.dora_layers and names[-len(lifted):] == lifted
+    assert [n for n in names if n.startswith(NAME_PREFIX)] == [names[-1]]
+    (flat,) = [n for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith(NAME_PREFIX)]
+    slices = [user for user in flat.users if user.target is torch.narrow]
+    assert len(slices) == len(flat.users) == example.dora_layers
+    offsets = sorted((s.args[2], s.args[3]) for s in slices)
+    assert [start for start, _ in offsets] == [0, *itertools.accumulate(size for _, size in offsets[:-1])]
+    assert flat.meta["val"].shape[0] == sum(size for _, size in offsets)
     assert op_counts(gm)[torch.ops.dora_fx.cached_weight_norm.default] == 0
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_float64_model_gets_float64_norms(train):
+    """Regression: the kept ``||W||²`` was float32 only, and a float64 model failed at its first call."""
+    from tests.helpers import step, zero_grads
+
+    example = models.build("mlp")
+    model = example.model.double().train(train)
+    inputs = {k: v.double() for k, v in example.make_inputs(torch.Generator().manual_seed(0)).items()}
+    compiled = torch.compile(model, backend="dora")
+    if not train:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-12, atol=1e-12)
+        return
+    ours = step(compiled, inputs)
+    zero_grads(model)
+    eager = step(model, inputs)
+    assert all(grad is not None for name, grad in ours[1].items() if not name.startswith("input."))
+    torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
+
+
+def test_norms_of_two_dtypes_get_a_buffer_each():
+    first, second = _layer(seed=1), _layer(seed=2, d_out=7)
+    second = [t.detach().double().requires_grad_(t.requires_grad) for t in second]
+    args = [*first, *second]
+    specs = [
+        LiftedNorm(weight=1, lora_A=2, lora_B=3, scaling=0.5, fan_in_fan_out=False, d_out=12, dtype=torch.float32),
+        LiftedNorm(weight=5, lora_A=6, lora_B=7, scaling=0.5, fan_in_fan_out=False, d_out=7, dtype=torch.float64,
+                   buffer=1),
+    ]
+    single, double = norm_inputs.NormInputs(specs).norms(args)
+    assert (single.dtype, double.dtype) == (torch.float32, torch.float64)
+    torch.testing.assert_close(single, _expected(first))
+    torch.testing.assert_close(double, _expected(second))
+
+
+def test_norms_of_one_buffer_lie_at_their_offsets():
+    layers = [_layer(seed=i, d_out=d_out) for i, d_out in enumerate((12, 5, 9))]
+    args = [t for layer in layers for t in layer]
+    specs, offset = [], 0
+    for i, layer in enumerate(layers):
+        d_out = layer[1].shape[0]
+        specs.append(LiftedNorm(weight=4 * i + 1, lora_A=4 * i + 2, lora_B=4 * i + 3, scaling=0.5,
+                                fan_in_fan_out=False, d_out=d_out, dtype=torch.float32, offset=offset))
+        offset += d_out
+    bank = norm_inputs.NormInputs(specs)
+    (flat,) = bank.norms(args)
+    expected = torch.cat([_expected(layer) for layer in layers])
+    torch.testing.assert_close(flat, expected)
+    _in_place(layers[1][3])  # one layer's B changes: all are refreshed, each in its place
+    (again,) = bank.norms(args)
+    assert again.data_ptr() == flat.data_ptr() and bank.refreshes == 2
+    torch.testing.assert_close(again, torch.cat([_expected(layer) for layer in layers]))
 
 
 def test_fake_inputs_get_traced_norms_and_nothing_is_kept():
@@ -150,5 +212,5 @@ def test_fake_inputs_get_traced_norms_and_nothing_is_kept():
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(t) for t in _layer()]
         norm = wrapped(*args)
-    assert tuple(norm.shape) == (12,) and norm.dtype == torch.float32
+    assert tuple(norm.shape) == (12,) and norm.dtype == torch.float32  # the buffer of the one norm
     assert wrapped.norm_inputs.refreshes == 0 and wrapped.norm_inputs._buffers is None
