@@ -41,17 +41,21 @@ def contenders(model: torch.nn.Module) -> dict[str, Callable]:
     import dora_fx
 
     compiled = torch.compile(model, backend=dora_fx.dora_backend)
+    return {"eager": model, "inductor": torch.compile(model, backend="inductor"),
+            "dora_fx": recomputing_norm(compiled, model), "dora_fx_cached": compiled}
 
+
+def recomputing_norm(compiled: Callable, model: torch.nn.Module) -> Callable:
+    """``compiled`` (``model`` compiled with dora_fx) called as after an optimizer step: A's and B's
+    version counters move on before every call (no kernel launched for it), so the norm is computed
+    each time; the frozen W's ||W||² stays valid, as in training."""
     adapters = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
 
     def recompute_norm(*args, **kwargs):
-        # What an optimizer step does to the norm's inputs: A's and B's versions move on (no kernel
-        # launched for it); the frozen W's ||W||² stays valid, as in training.
         torch._C._autograd._unsafe_set_version_counter(tuple(adapters), tuple(p._version + 1 for p in adapters))
         return compiled(*args, **kwargs)
 
-    return {"eager": model, "inductor": torch.compile(model, backend="inductor"), "dora_fx": recompute_norm,
-            "dora_fx_cached": compiled}
+    return recompute_norm
 
 
 def peft_linears(layers: int, d: int, r: int, use_dora: bool, device: str) -> torch.nn.Module:

@@ -12,7 +12,9 @@
 #   6. with QDORA=1, bench_qdora.py ${QDORA_ARGS:-} (PEFT eager, dora_fx, QLoRA + Inductor);
 #   7. with NORM_KERNELS=1, norm_host_cost.py --kernels ${NORM_ARGS:-}: the recomputed norm's kernels per 8B-shaped
 #      layer (NORM_ARGS=--zero-magnitude: also the host cost of the m = 0 gradient's call);
-#   8. with HOST_PACE=1, host_pace.py at 1 x ${SEQ:-512} tokens: host enqueue time per contender.
+#   8. with HOST_PACE=1, host_pace.py at 1 x ${SEQ:-512} tokens ${HOST_PACE_ARGS:-}: host enqueue time per contender
+#      (--rounds, --cprofile STEPS, --dora-options JSON);
+#   9. with GRAM=1, bench_gram.py: the norm's Gram matrix, one GEMM against split-K forms.
 # Summary: $OUT/diagnose.log; JSON and traces under $OUT.
 source benchmarks/gpu_common.sh
 TOTAL=${TOTAL:-420}
@@ -40,5 +42,6 @@ fi
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels ${NORM_ARGS:-} --out "$OUT/norm_host_cost.json"
 [ -n "${HOST_PACE:-}" ] && TAIL=20 run_step "$LOG" host_pace "$(left 240)" python3 benchmarks/host_pace.py \
-  --seq "${SEQ:-512}" --out "$OUT/host_pace.json"
+  --seq "${SEQ:-512}" --out "$OUT/host_pace.json" ${HOST_PACE_ARGS:-}
+[ -n "${GRAM:-}" ] && TAIL=40 run_step "$LOG" gram "$(left 60)" python3 benchmarks/bench_gram.py --out "$OUT/gram.json"
 cat "$LOG"

@@ -1,28 +1,35 @@
 """Where the host's time goes in a train step that the host paces (issue #13's 512-token gap): the
-forward's and the backward's enqueue time per contender, and whether the process's pace per launch
-moves between contenders.
+forward's and the backward's enqueue time per contender, in interleaved rounds, and optionally the
+Python functions that take it (cProfile).
 
-    python benchmarks/host_pace.py [--seq 512] [--out host_pace.json]
+    python benchmarks/host_pace.py [--seq 512] [--rounds 3] [--dora-options '{"split_reductions": false}']
+                                   [--cprofile 10] [--out host_pace.json]
 
-The stacks of ``bench_model.py`` in one process, in this order: plain LoRA + Inductor, dora_fx (norm
-recomputed every step, as after an optimizer step), dora_fx reusing its norm (no refresh: the
-difference is the refresh's cost), then plain LoRA + Inductor once more (compiled again, the DoRA stack
-still alive). For each, with no profiler attached:
+The stacks of ``bench_model.py``, both on the device: plain LoRA + Inductor, dora_fx (norm recomputed
+every step, as after an optimizer step), dora_fx reusing its norm (no refresh: the difference is the
+refresh's cost), and for each ``--dora-options`` a dora_fx compiled with those Inductor options (norm
+recomputed). Every contender is compiled and warmed up first; then in each of ``--rounds`` rounds
+(the order rotated each round), with no profiler attached:
 
 - ``train_ms``: the median forward + backward (``_common.median_ms``);
 - ``forward_host_ms`` and ``backward_host_ms``: median host time to enqueue the forward (the loss
   returned) and the backward (``loss.backward()`` returned), the device synchronised before each
   step; where the host paces the step these add up to it;
-- ``eval_ms``: the median eval forward under ``no_grad`` (norm reused for dora_fx);
-- ``launch_us``: a probe of the host's pace, microseconds per launch of a one-element ``add_``, taken
-  right after the contender's runs.
+- ``launch_us``: a probe of the host's pace, microseconds per launch of a one-element ``add_``.
+
+Each figure is the median over the rounds (``rounds`` keeps them all). Then, once per contender:
+``eval_ms`` (the eval forward under ``no_grad``; dora_fx's norm reused) and, with ``--cprofile N``,
+the Python functions with the most own time over ``N`` train steps (``cprofile``: microseconds and
+calls per step; the profiler itself slows every Python call, so compare contenders, not absolutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import pathlib
+import pstats
 import statistics
 import time
 
@@ -30,6 +37,7 @@ import _common as C  # first: it puts this checkout on sys.path, ahead of any in
 import torch
 
 import bench_model
+import dora_fx
 
 
 def launch_us(device: torch.device, launches: int = 2000) -> float:
@@ -63,29 +71,69 @@ def host_split(fn, batch: dict, params, device: torch.device, steps: int = 20) -
     return statistics.median(forward), statistics.median(backward)
 
 
-def measure(fn, model, batch: dict, device: torch.device, rep_ms: float) -> dict:
-    params = bench_model.trainable(model)
-    step = C.lm_train_step(fn, batch)
-    model.train()
-    for _ in range(2):  # the compiling first call, then a warm-up
-        bench_model.clear_grads(params)
-        step()
-    row = {"train_ms": C.median_ms(step, device, rep_ms, grad_to_none=params)}
-    row["forward_host_ms"], row["backward_host_ms"] = host_split(fn, batch, params, device)
-    bench_model.clear_grads(params)
-    model.eval()
-    with torch.no_grad():
-        forward = C.lm_forward(fn, batch)
-        forward()
-        row["eval_ms"] = C.median_ms(forward, device, rep_ms)
-    row["launch_us"] = launch_us(device)
-    return row
+class Contender:
+    """One compiled stack's train step, warmed up, and what was measured of it."""
+
+    def __init__(self, fn, model, batch: dict):
+        self.fn, self.model, self.batch = fn, model, batch
+        self.params = bench_model.trainable(model)
+        self.step = C.lm_train_step(fn, batch)
+        self.rounds: list[dict] = []
+        model.train()
+        for _ in range(2):  # the compiling first call, then a warm-up
+            bench_model.clear_grads(self.params)
+            self.step()
+        bench_model.clear_grads(self.params)
+
+    def measure_round(self, device: torch.device, rep_ms: float) -> None:
+        self.model.train()
+        row = {"train_ms": C.median_ms(self.step, device, rep_ms, grad_to_none=self.params)}
+        row["forward_host_ms"], row["backward_host_ms"] = host_split(self.fn, self.batch, self.params, device)
+        bench_model.clear_grads(self.params)
+        row["launch_us"] = launch_us(device)
+        self.rounds.append(row)
+
+    def summary(self, device: torch.device, rep_ms: float, cprofile_steps: int) -> dict:
+        row = {key: statistics.median(r[key] for r in self.rounds) for key in self.rounds[0]}
+        row["rounds"] = self.rounds
+        if cprofile_steps:
+            row["cprofile"] = self.python_profile(device, cprofile_steps)
+        self.model.eval()
+        with torch.no_grad():
+            forward = C.lm_forward(self.fn, self.batch)
+            forward()
+            row["eval_ms"] = C.median_ms(forward, device, rep_ms)
+        return row
+
+    def python_profile(self, device: torch.device, steps: int, top: int = 30) -> list[dict]:
+        """The functions with the most own time over ``steps`` train steps, per step."""
+        self.model.train()
+        profiler = cProfile.Profile()
+        C.synchronize(device)
+        for _ in range(steps):
+            bench_model.clear_grads(self.params)
+            profiler.enable()
+            self.step()
+            profiler.disable()
+            C.synchronize(device)
+        bench_model.clear_grads(self.params)
+        stats = pstats.Stats(profiler).stats
+        ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+        return [
+            {"function": f"{pathlib.Path(file).name}:{line}({name})", "own_us": own * 1e6 / steps,
+             "cumulative_us": cumulative * 1e6 / steps, "calls": calls / steps}
+            for (file, line, name), (_, calls, own, cumulative, _) in ranked
+        ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_step_arguments(parser, rank=bench_model.TARGET_RANK)
     parser.add_argument("--rep-ms", type=float, default=300.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dora-options", type=json.loads, action="append", default=[],
+                        help="Inductor options (JSON) for one more dora_fx contender; may repeat")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="STEPS")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     device = C.step_device(args)
@@ -93,26 +141,32 @@ def main() -> None:
     batch = bench_model.make_batches(args, seed, device)[0]
     bench_model.warm_up_compiler(device)
 
-    rows = {"before": {"launch_us": launch_us(device)}}
+    before = launch_us(device)
     dora = bench_model.build_model(args, args.rank, device, seed)
-    adapters = bench_model.lora_adapters(dora)
+    lora = bench_model.build_model(args, args.rank, device, seed, bench_model.lora_adapters(dora))
+    fns = {"lora_inductor": (C.lora_contenders(lora)["lora_inductor"], lora)}
+    dora_fns = C.contenders(dora)
+    fns["dora_fx"] = (dora_fns["dora_fx"], dora)
+    fns["dora_fx_norm_reused"] = (dora_fns["dora_fx_cached"], dora)
+    for options in args.dora_options:
+        compiled = torch.compile(dora, backend=dora_fx.DoraBackend(options=options))
+        fns[f"dora_fx {json.dumps(options)}"] = (C.recomputing_norm(compiled, dora), dora)
+    contenders = {name: Contender(fn, model, batch) for name, (fn, model) in fns.items()}
+    names = list(contenders)
+    for k in range(args.rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            contenders[name].measure_round(device, args.rep_ms)
+    rows = {"before": {"launch_us": before}}
+    rows |= {name: c.summary(device, args.rep_ms, args.cprofile) for name, c in contenders.items()}
 
-    def lora_row() -> dict:
-        lora = bench_model.build_model(args, args.rank, device, seed, adapters)
-        row = measure(C.lora_contenders(lora)["lora_inductor"], lora, batch, device, args.rep_ms)
-        del lora
-        C.free(device)
-        return row
-
-    rows["lora_inductor"] = lora_row()
-    fns = C.contenders(dora)
-    rows["dora_fx"] = measure(fns["dora_fx"], dora, batch, device, args.rep_ms)
-    rows["dora_fx_norm_reused"] = measure(fns["dora_fx_cached"], dora, batch, device, args.rep_ms)
-    rows["lora_inductor_again"] = lora_row()
-
-    print(f"host pace, {args.layers} layers, 1 x {args.seq} tokens, r = {args.rank}, {args.dtype}, {device}")
+    print(f"host pace, {args.layers} layers, 1 x {args.seq} tokens, r = {args.rank}, {args.dtype}, {device}, "
+          f"medians of {args.rounds} interleaved rounds")
     keys = ("train_ms", "forward_host_ms", "backward_host_ms", "eval_ms", "launch_us")
     print(C.table(["contender", *keys], [[name, *(C.fmt(row.get(k), ".3f") for k in keys)] for name, row in rows.items()]))
+    for name, row in rows.items():
+        for entry in row.get("cprofile", [])[:12]:
+            print(f"{name}: {entry['own_us']:9.1f} us own {entry['cumulative_us']:9.1f} cum "
+                  f"{entry['calls']:6.1f} calls  {entry['function']}")
     if args.out:
         record = {"env": C.environment(device), "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
         C.write_json(args.out, record)
