@@ -41,7 +41,7 @@ fi
   --out "$OUT/qdora.json" ${QDORA_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=40 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels ${NORM_ARGS:-} --out "$OUT/norm_host_cost.json"
-[ -n "${HOST_PACE:-}" ] && TAIL=20 run_step "$LOG" host_pace "$(left 240)" python3 benchmarks/host_pace.py \
-  --seq "${SEQ:-512}" --out "$OUT/host_pace.json" ${HOST_PACE_ARGS:-}
 [ -n "${GRAM:-}" ] && TAIL=40 run_step "$LOG" gram "$(left 60)" python3 benchmarks/bench_gram.py --out "$OUT/gram.json"
+[ -n "${HOST_PACE:-}" ] && TAIL=80 run_step "$LOG" host_pace "$(left 400)" python3 benchmarks/host_pace.py \
+  --seq "${SEQ:-512}" --out "$OUT/host_pace.json" ${HOST_PACE_ARGS:-}
 cat "$LOG"
