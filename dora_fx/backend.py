@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from dora_fx import compat, compile_options, norm_inputs
-from dora_fx.passes import recompute
+from dora_fx.passes import dora_linear, recompute
 from dora_fx.passes.lift_norms import lift_norms
 from dora_fx.passes.pipeline import run_passes
 from dora_fx.report import GraphReport, NearMiss, Report
@@ -39,6 +39,13 @@ def graph_break_counts() -> collections.Counter:
 
 
 _last_report_breaks_from = graph_break_counts()
+
+# Inductor settings for a graph whose DoRA layers all have few rows (dora_linear.host_paced): there
+# the host's launches set the step's pace, and splitting a reduction (the magnitude's column sums
+# above all) into two kernels costs more host time than the GPU time it saves. At 512 tokens of the
+# 8B-shaped stack's train step this took 32 of 125 Triton launches out (benchmarks/README.md,
+# session 12). The user's mode and options are applied over these.
+HOST_PACED_INDUCTOR_CONFIG = {"split_reductions": False}
 
 _DDP_BUCKET_HINT = (
     "this graph is one of the pieces Dynamo's DDPOptimizer cut at DDP bucket boundaries, which can split a "
@@ -125,6 +132,9 @@ class DoraBackend:
             graph_report.near_misses = [
                 NearMiss(miss.where, f"{miss.reason}; {_DDP_BUCKET_HINT}") for miss in graph_report.near_misses
             ]
+        if self.rewrite and self.inner == "inductor" and dora_linear.host_paced(gm):
+            graph_report.inductor_config = dict(HOST_PACED_INDUCTOR_CONFIG)
+            config_patches = {**HOST_PACED_INDUCTOR_CONFIG, **config_patches}
         self.report.graphs.append(graph_report)
         _last_report.graphs.append(graph_report)
         breaks = graph_break_counts()

@@ -128,6 +128,9 @@ class GraphReport:
     pass_seconds: float = 0.0
     # {pass name: places it rewrote (nodes erased, for the dead-code pass)}, in the order the passes ran
     pass_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Inductor settings dora_fx chose for this graph (dora_fx.backend.HOST_PACED_INDUCTOR_CONFIG);
+    # the user's mode and options, applied over them, are not listed
+    inductor_config: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -163,6 +166,7 @@ class Report:
                 "rewrites": [r.to_dict(code) for r in g.rewrites],
                 "near_misses": [dataclasses.asdict(m) for m in g.near_misses],
                 "pass_seconds": g.pass_seconds,
+                "inductor_config": dict(g.inductor_config),
             }
             for g in self.graphs
         ]
@@ -196,6 +200,10 @@ class Report:
                 for r in rewrites
             ]
             lines += ["", "rewritten:", *_table(header, rows)]
+        chosen = [g for g in self.graphs if g.inductor_config]
+        if chosen:
+            lines += ["", "Inductor settings chosen for host-paced graphs (every DoRA layer under 1024 rows):"]
+            lines += [f"  graph {g.graph_id}: {g.inductor_config}" for g in chosen]
         if misses:
             lines += ["", "near-misses (left to the inner compiler unchanged):"]
             lines += [f"  {m.where}: {m.reason}" for m in misses]

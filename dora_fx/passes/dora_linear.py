@@ -391,6 +391,30 @@ def _keeps_output_pays(region: Region) -> bool:
     return symbolic or math.prod(leading) >= KEEP_OUTPUT_MIN_ROWS
 
 
+_COMPOSE_OPS = (
+    torch.ops.dora_fx.compose.default,
+    torch.ops.dora_fx.compose_with_adapted.default,
+    torch.ops.dora_fx.compose_saving_output.default,
+)
+
+
+def host_paced(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` (with the graphs nested in it) has DoRA compositions and every one of them has
+    static rows fewer than :data:`KEEP_OUTPUT_MIN_ROWS`: a step whose pace the host's kernel launches
+    set, not the GPU."""
+    rows = [
+        gv.value(node.args[0]).shape[:-1]
+        for graph_module in gm.modules()
+        if isinstance(graph_module, fx.GraphModule)
+        for op in _COMPOSE_OPS
+        for node in graph_module.graph.find_nodes(op="call_function", target=op)
+    ]
+    return bool(rows) and all(
+        all(isinstance(size, int) for size in leading) and math.prod(leading) < KEEP_OUTPUT_MIN_ROWS
+        for leading in rows
+    )
+
+
 def _is_graph_input(node: fx.Node) -> bool:
     """Whether ``node`` is a tensor the graph receives (an input, or a parameter of ``gm``), as
     opposed to one it computes (a dequantized weight, say)."""
