@@ -6,7 +6,7 @@
 ``dora_fx::cached_weight_norm``
     The same, reused while W, A and B are unchanged (:mod:`dora_fx.norm_cache`). The rewrite emits it
     for every region (detached where the graph computes gradients); the backend then makes each one
-    over graph inputs an input of the compiled graph (:mod:`dora_fx.passes.lift_norms`,
+    over graph inputs a slice of one input of the compiled graph (:mod:`dora_fx.passes.lift_norms`,
     :mod:`dora_fx.norm_inputs`), so it stays an op only inside higher-order-op bodies and where the
     scaling is symbolic.
 ``dora_fx::weight_norm_4bit``, ``dora_fx::weight_norm_int8``

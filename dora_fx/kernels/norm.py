@@ -25,7 +25,9 @@ same tiles) was removed on 2026-12-02 after an H200 measurement in one run: GPU 
 Llama-3-8B-shaped layer (seven projections, r = 384, bf16) 0.55 ms for this path with ``||W||²``
 given, 0.66 ms for that kernel. Forming ``B G`` inside the rows kernel instead (bf16 halves of ``G``
 in registers, ``[32, 128]`` tiles) was measured the same way on 2026-12-02 and dropped: 1.91 ms of
-rows kernels for 4 layers against 0.28 ms plus about 0.4 ms of cuBLAS ``B·G``.
+rows kernels for 4 layers against 0.28 ms plus about 0.4 ms of cuBLAS ``B·G``. A split-K Gram (``A`` viewed
+as 2 to 32 chunks of columns, one batched GEMM, a sum) was measured on 2026-12-03 (``bench_gram.py``):
+8.0 to 17.0 µs against 8.3 to 12.4 µs for the one GEMM at r = 384, so ``G`` stays one GEMM.
 """
 
 from __future__ import annotations
