@@ -3,6 +3,7 @@
 #   1. unless TEST_LIMIT=0, the CUDA tests ${TESTS:-tests}, cut at ${TEST_LIMIT:-100} s (a quick check that the kernels run);
 #   1b. with KERNELS=1, bench_kernels.py --quick --norm-only: the norm implementations (at most 60 s);
 #   1c. unless SMALL=0, bench_small_batch.py: two layers, 8 tokens, with and without CUDA graphs (at most 80 s);
+#   1c'. with NORM_BENCH=1, bench_norm.py ${NORM_ARGS:-} (e.g. --compare OLD.py): the factored norm per projection shape (at most 60 s);
 #   1d. with NORM_KERNELS=1, norm_host_cost.py --kernels: the norm's kernels per 8B-shaped layer (at most 60 s);
 #   1e. with PROFILE=1, profile_step.py at 1 x ${PROFILE_SEQ:-512} tokens: host and GPU time of the train step (at most 150 s);
 #   2. bench_model.py at 1 x 4096 tokens, r = 384: every contender, fwd, fwd+bwd and accum (at most 280 s);
@@ -35,6 +36,8 @@ bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py (of ${ROOT:-.}) into $OU
 [ "${TEST_LIMIT:-100}" != 0 ] && TAIL=40 run_step "$LOG" cuda_tests "$(left "${TEST_LIMIT:-100}")" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} -m cuda
 [ -n "${KERNELS:-}" ] && TAIL=40 run_step "$LOG" kernels_norm "$(left 60)" python3 benchmarks/bench_kernels.py \
   --quick --norm-only --no-inductor --out "$OUT/kernels_norm.json"
+[ -n "${NORM_BENCH:-}" ] && TAIL=45 run_step "$LOG" norm_bench "$(left 60)" python3 benchmarks/bench_norm.py \
+  --out "$OUT/norm.json" ${NORM_ARGS:-}
 [ -n "${NORM_KERNELS:-}" ] && TAIL=30 run_step "$LOG" norm_kernels "$(left 60)" python3 benchmarks/norm_host_cost.py \
   --kernels --out "$OUT/norm_host_cost.json"
 [ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq "${PROFILE_SEQ:-512}" \
