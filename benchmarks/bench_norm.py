@@ -1,12 +1,10 @@
 """The factored norm of one projection (``dora_fx.kernels.norm.weight_norm``, ``||W||²`` given) at the
-Llama-3-8B projections' shapes: GPU time per rows-kernel tile setting, and against another revision's
-norm module.
+Llama-3-8B projections' shapes, against other revisions' norm modules on the same tensors.
 
-    python benchmarks/bench_norm.py [--rank 384] [--compare OLD.py] [--out norm.json]
+    python benchmarks/bench_norm.py [--rank 384] [--compare OTHER.py ...] [--out norm.json]
 
-``--compare`` takes a copy of ``dora_fx/kernels/norm.py`` from another revision
-(``git show REV:dora_fx/kernels/norm.py > OLD.py``), imported as a module of its own and timed on the
-same tensors. Each form is timed in a CUDA graph (GPU time, no launch gaps). ``layer`` adds the seven
+``--compare`` takes copies of ``dora_fx/kernels/norm.py`` from other revisions
+(``git show REV:dora_fx/kernels/norm.py > OTHER.py``), each imported as a module of its own. Each form is timed in a CUDA graph (GPU time, no launch gaps). ``layer`` adds the seven
 projections of one decoder layer (q, k, v, o, gate, up, down). Errors are the largest relative error of
 the squared norm against a float64 evaluation, over ``||W_i||² + s²||(BA)_i||²``.
 """
@@ -25,18 +23,10 @@ from dora_fx.kernels import norm as norm_kernels
 
 # (name, d_out, d_in, projections of that shape in a layer)
 PROJECTIONS = (("q/o", 4096, 4096, 2), ("k/v", 1024, 4096, 2), ("gate/up", 14336, 4096, 2), ("down", 4096, 14336, 1))
-TILES = (
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_G": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_G": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_G": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_G": 32, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_G": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_G": 32, "num_warps": 4, "num_stages": 2},
-)
 
 
 def load_module(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location("norm_compared", path)
+    spec = importlib.util.spec_from_file_location(f"norm_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,15 +42,13 @@ def relative_error(got, weight, lora_A, lora_B, scaling) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=384)
-    parser.add_argument("--compare", type=pathlib.Path, help="another revision's dora_fx/kernels/norm.py")
+    parser.add_argument("--compare", type=pathlib.Path, nargs="*", default=[],
+                        help="other revisions' dora_fx/kernels/norm.py")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    default_tiles = dict(norm_kernels.ROWS_TILES)
-    forms = {f"tiles {i}": (norm_kernels, tiles) for i, tiles in enumerate(TILES)}
-    if args.compare:
-        forms[f"compared ({args.compare.name})"] = (load_module(args.compare), None)
+    forms = {"this checkout": norm_kernels} | {path.name: load_module(path) for path in args.compare}
     scaling = 2.0
     rows = []
     for name, d_out, d_in, count in PROJECTIONS:
@@ -68,32 +56,25 @@ def main() -> None:
         lora_A = (torch.randn(args.rank, d_in, device=device, generator=gen) / d_in**0.5).to(torch.bfloat16)
         lora_B = (torch.randn(d_out, args.rank, device=device, generator=gen) * 0.02).to(torch.bfloat16)
         squares = weight.float().square().sum(1)
-        for form, (module, tiles) in forms.items():
-            if tiles is not None:
-                norm_kernels.ROWS_TILES.clear()
-                norm_kernels.ROWS_TILES.update(tiles)
+        for form, module in forms.items():
 
             def fn(module=module):
                 return module.weight_norm(weight, lora_A, lora_B, scaling, False, squares)
 
             error = relative_error(fn(), weight, lora_A, lora_B, scaling)
             rows.append({"projection": name, "d_out": d_out, "d_in": d_in, "r": args.rank, "count": count,
-                         "form": form, "tiles": tiles, "us": do_bench_cudagraph(fn, rep=50) * 1e3,
+                         "form": form, "us": do_bench_cudagraph(fn, rep=50) * 1e3,
                          "relative_error": error})
-        norm_kernels.ROWS_TILES.clear()
-        norm_kernels.ROWS_TILES.update(default_tiles)
     for form in forms:
         mine = [r for r in rows if r["form"] == form]
-        rows.append({"projection": "layer", "form": form, "tiles": mine[0]["tiles"],
+        rows.append({"projection": "layer", "form": form,
                      "us": sum(r["us"] * r["count"] for r in mine),
                      "relative_error": max(r["relative_error"] for r in mine)})
-    print(f"factored norm, r = {args.rank}, bf16, ||W||² given; GPU time in a CUDA graph (default tiles {default_tiles})")
+    print(f"factored norm, r = {args.rank}, bf16, ||W||² given; GPU time in a CUDA graph")
     print(C.table(["projection", "form", "us", "rel. error"],
                   [[r["projection"], r["form"], C.fmt(r["us"], ".1f"), C.fmt(r["relative_error"], ".1e")] for r in rows]))
-    for i, tiles in enumerate(TILES):
-        print(f"tiles {i}: {tiles}")
     if args.out:
-        C.write_json(args.out, {"env": C.environment(device), "default_tiles": default_tiles, "rows": rows})
+        C.write_json(args.out, {"env": C.environment(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@
 ``||W_i + s(BA)_i||² = ||W_i||² + 2s<B_i, U_i> + s²<B_i, (B G)_i>`` with ``U = W Aᵀ [d_out, r]`` and
 ``G = A Aᵀ [r, r]``; the ``[d_out, d_in]`` product is never formed.
 
-``weight_norm`` (what the ops call on CUDA): ``U`` and ``G`` from GEMMs with float32 outputs (cuBLAS
-on CUDA, :func:`reference.matmul_float32`), then one launch of ``_norm_rows_kernel``: each program
-owns a block of rows, forms their rows of ``B G`` tile by tile on the tensor cores (for a bf16 ``B``
-against the two bf16 halves ``[G_hi | G_lo]`` of ``G``, split as they are loaded), sums
-``<B_i, U_i>`` and ``<B_i, (B G)_i>`` over the columns in a fixed order, adds ``||W_i||²`` (given by
-the caller, kept per frozen weight by :mod:`dora_fx.norm_cache`, or computed here, one more read of
-``W``) and finishes its rows (``_finish_rows``). The rows kernel has no atomics and no sums across
-programs; the same inputs give the same bits (``test_cuda_run_to_run_identical``).
+``weight_norm`` (what the ops call on CUDA): ``U``, ``G`` and ``B G`` from GEMMs with float32 outputs
+(cuBLAS on CUDA, :func:`reference.matmul_float32`); for a bf16 ``B``, ``B G`` is one GEMM against the
+two bf16 halves ``[G_hi | G_lo]`` of ``G``, built by one small kernel. Then one launch of
+``_norm_rows_kernel``: each program owns a block of rows, sums ``<B_i, U_i>`` and ``<B_i, (B G)_i>``
+over the columns in a fixed order, adds ``||W_i||²`` (given by the caller, kept per frozen weight by
+:mod:`dora_fx.norm_cache`, or computed here, one more read of ``W``) and finishes its rows
+(``_finish_rows``). The rows kernel has no atomics and no sums across programs; the same inputs give
+the same bits (``test_cuda_run_to_run_identical``).
 
-Transient memory: ``U`` (``d_out·r``, float32) and the ``r × r`` ``G``.
+Transient memory: ``U`` (``d_out·r``) and ``B G`` (``d_out·2r`` for a bf16 ``B``, else ``d_out·r``) in
+float32, and ``r × r``-sized ``G`` and halves.
 
 Cancellation (docs/behaviour.md): a row whose factored terms cancel, amplification
 ``a_i = (||W_i||² + |2s<B_i, U_i>| + s²||(BA)_i||²) / norm_i²`` above ``AMPLIFICATION_LIMIT``, is
@@ -21,12 +22,15 @@ blocks without such rows only pay a comparison.
 
 An earlier one-pass Triton kernel (``U`` accumulated with ``tl.dot`` while summing ``W²`` from the
 same tiles) was removed on 2026-12-02 after an H200 measurement in one run: GPU time per
-Llama-3-8B-shaped layer (seven projections, r = 384, bf16) 0.55 ms for the GEMM path with ``||W||²``
-given, 0.66 ms for that kernel. A split-K Gram (``A`` viewed as 2 to 32 chunks of columns, one
-batched GEMM, a sum) was measured on 2026-12-03 (``bench_gram.py``): 8.0 to 17.0 µs against 8.3 to
-12.4 µs for the one GEMM at r = 384, so ``G`` stays one GEMM. Until 2026-12-04 ``B G`` was a cuBLAS
-GEMM against ``[G_hi | G_lo]`` (from a kernel of its own) whose float32 ``[d_out, 2r]`` result the
-rows kernel read back: 14 bytes read per element of ``B`` where this kernel reads 6.
+Llama-3-8B-shaped layer (seven projections, r = 384, bf16) 0.55 ms for this path with ``||W||²``
+given, 0.66 ms for that kernel. Forming ``B G`` inside the rows kernel instead (bf16 halves of ``G``
+in registers, ``[32, 128]`` tiles) was measured the same way on 2026-12-02 and dropped: 1.91 ms of
+rows kernels for 4 layers against 0.28 ms plus about 0.4 ms of cuBLAS ``B·G``; tried again on
+2026-12-04 with ``G``'s halves split as loaded and six tile settings (``bench_norm.py``, one H200 run):
+631 to 766 µs per layer against 530 µs for this path, and the whole 4096-token train step 1.122x
+LoRA's against 1.098x. A split-K Gram (``A`` viewed
+as 2 to 32 chunks of columns, one batched GEMM, a sum) was measured on 2026-12-03 (``bench_gram.py``):
+8.0 to 17.0 µs against 8.3 to 12.4 µs for the one GEMM at r = 384, so ``G`` stays one GEMM.
 """
 
 from __future__ import annotations
@@ -120,52 +124,36 @@ def _finish_rows(
 
 @triton.jit
 def _norm_rows_kernel(
-    u_ptr, gram_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
-    stride_um, stride_ur, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    AMPLIFICATION_LIMIT: tl.constexpr, GRAM_HALVES: tl.constexpr, GRAM_UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
+    u_ptr, bg_ptr, w_sq_ptr, out_ptr, w_ptr, a_ptr, b_ptr, d_out, d_in, r, scaling,
+    stride_um, stride_ur, stride_bgm, stride_bgr, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
+    AMPLIFICATION_LIMIT: tl.constexpr, BG_HALVES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, DENSE_UPCAST: tl.constexpr,
 ):
-    """Row norms from ``U = W Aᵀ`` (float32 ``[d_out, r]``), ``G = A Aᵀ`` (float32 ``[r, r]``,
-    contiguous), ``B`` and ``||W_i||²``; ``B G`` is formed here, tile by tile, and never stored.
+    """Row norms from ``U = W Aᵀ``, ``B G`` (float32 ``[d_out, r]``, ``G = A Aᵀ``) and ``||W_i||²``.
 
-    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time: the ``[BLOCK_M, BLOCK_N]``
-    tile of ``B G`` from ``BLOCK_G``-deep products (with ``GRAM_HALVES``, for a bf16 ``B``, against the
-    two bf16 halves ``G_hi = bf16(G)`` and ``G_lo = bf16(G - G_hi)``, which hold about 16 bits of ``G``:
-    exact products on the tensor cores, float32 sums; otherwise float32 products, ``GRAM_UPCAST``),
-    then ``cross_i = Σ_j B[i, j]·U[i, j]`` and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``. Then
-    ``size = ||W_i||² + s²·lora_i``, ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows`
-    (cancelled rows recomputed densely from ``W``, ``A`` and ``B``, clamp, square root).
+    For the ``BLOCK_M`` rows of a program, ``BLOCK_N`` columns at a time: ``cross_i = Σ_j B[i, j]·U[i, j]``
+    and ``lora_i = Σ_j B[i, j]·(B G)[i, j]``; with ``BG_HALVES`` the ``B G`` buffer is ``[d_out, 2r]``,
+    ``B·G_hi`` then ``B·G_lo``, added here. Then ``size = ||W_i||² + s²·lora_i``,
+    ``squared = size + 2s·cross_i``, finished by :func:`_finish_rows` (cancelled rows recomputed
+    densely from ``W``, ``A`` and ``B``, clamp, square root).
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < d_out
     s = tl.cast(scaling, tl.float32)  # fp64 when Inductor launches the kernel
     offs_n = tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, BLOCK_G)
     cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lora = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n in range(0, r, BLOCK_N):
         cols = n + offs_n
-        mask_n = cols < r
-        bg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, r, BLOCK_G):
-            inner = k + offs_g
-            mask_g = inner < r
-            b_k = tl.load(
-                b_ptr + rows[:, None] * stride_bm + inner[None, :] * stride_br,
-                mask=mask_m[:, None] & mask_g[None, :], other=0.0,
-            )
-            g = tl.load(gram_ptr + inner[:, None] * r + cols[None, :], mask=mask_g[:, None] & mask_n[None, :], other=0.0)
-            if GRAM_HALVES:
-                g_hi = g.to(tl.bfloat16)
-                bg = mma(b_k, g_hi, bg, GRAM_UPCAST)
-                bg = mma(b_k, (g - g_hi.to(tl.float32)).to(tl.bfloat16), bg, GRAM_UPCAST)
-            else:
-                bg = mma(b_k, g, bg, GRAM_UPCAST)
-        mask = mask_m[:, None] & mask_n[None, :]
+        mask = mask_m[:, None] & (cols < r)[None, :]
         b_n = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
         u_n = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_ur, mask=mask, other=0.0)
+        bg_ptrs = bg_ptr + rows[:, None] * stride_bgm + cols[None, :] * stride_bgr
+        bg = tl.load(bg_ptrs, mask=mask, other=0.0)
+        if BG_HALVES:
+            bg += tl.load(bg_ptrs + r * stride_bgr, mask=mask, other=0.0)
         cross += tl.sum(b_n * u_n, axis=1)
         lora += tl.sum(b_n * bg, axis=1)
     w_sq = tl.load(w_sq_ptr + rows, mask=mask_m, other=0.0)
@@ -182,10 +170,31 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(max(n, 1)))
 
 
-# Tiles of ``_norm_rows_kernel`` on a GPU: rows per program, columns of ``B G`` per tile, depth of
-# one product; and its launch's warps and pipeline stages. Module-level so that a benchmark can sweep them.
-ROWS_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_G": 64, "num_warps": 4, "num_stages": 2}
-_INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_G": 16, "num_warps": 4, "num_stages": 1}
+@triton.jit
+def _gram_halves_kernel(g_ptr, out_ptr, r, BLOCK: tl.constexpr):
+    """``out [r, 2r]`` (bf16) ``= [G_hi | G_lo]`` for a contiguous float32 ``G [r, r]``:
+    ``G_hi = bf16(G)``, ``G_lo = bf16(G - G_hi)``, so ``G_hi + G_lo`` holds about 16 bits of ``G``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < r * r
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    hi = g.to(tl.bfloat16)
+    row, col = offs // r, offs % r
+    tl.store(out_ptr + row * 2 * r + col, hi, mask=mask)
+    tl.store(out_ptr + row * 2 * r + r + col, (g - hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+
+
+def _times_gram(lora_B: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(B·G, halves)`` in float32. For a bf16 ``B``, one GEMM against ``[G_hi | G_lo]``
+    (``_gram_halves_kernel``; ``B`` exact) on the tensor cores on CUDA, so the result is ``[d_out, 2r]``
+    and ``halves`` is True; otherwise a float32 GEMM."""
+    if lora_B.dtype != torch.bfloat16:
+        return lora_B.float() @ gram, False
+    r = gram.shape[0]
+    gram = gram.contiguous()
+    halves = torch.empty((r, 2 * r), dtype=torch.bfloat16, device=gram.device)
+    block = 1024
+    launchable(_gram_halves_kernel, gram)[(triton.cdiv(r * r, block),)](gram, halves, r, BLOCK=block)
+    return reference.matmul_float32(lora_B, halves), True
 
 
 def weight_norm(
@@ -196,9 +205,8 @@ def weight_norm(
     fan_in_fan_out: bool,
     row_squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: two GEMMs
-    (``U = W Aᵀ``, ``G = A Aᵀ``; float32 outputs, cuBLAS on CUDA) and ``_norm_rows_kernel``, which
-    forms ``B G`` itself.
+    """Row norms of ``W + s·B·A`` (float32 ``[d_out]``), as :func:`reference.weight_norm`: three GEMMs
+    (``U = W Aᵀ``, ``G = A Aᵀ``, ``B G``; float32 outputs, cuBLAS on CUDA) and ``_norm_rows_kernel``.
 
     ``row_squares`` is ``||W_i||²`` in float32 when the caller has it (a frozen ``W``'s is computed
     once, :mod:`dora_fx.norm_cache`); otherwise it is computed here, one more read of ``W``.
@@ -213,20 +221,18 @@ def weight_norm(
     if row_squares is None:
         row_squares = torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).square()
     u = reference.matmul_float32(w_rows, lora_A.T)
-    gram = reference.matmul_float32(lora_A, lora_A.T)
+    bg, halves = _times_gram(lora_B, reference.matmul_float32(lora_A, lora_A.T))
     out = torch.empty((d_out,), dtype=torch.float32, device=weight.device)
-    tiles = dict(_INTERPRETER_TILES if launch.interpreting() else ROWS_TILES)
-    tiles["BLOCK_N"] = min(tiles["BLOCK_N"], _pow2_at_least(r))
-    tiles["BLOCK_G"] = min(tiles["BLOCK_G"], _pow2_at_least(r))
-    halves = lora_B.dtype == torch.bfloat16
-    launchable(_norm_rows_kernel, weight)[(triton.cdiv(d_out, tiles["BLOCK_M"]),)](
-        u, gram, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
-        u.stride(0), u.stride(1), w_rows.stride(0), w_rows.stride(1),
+    interpreting = launch.interpreting()
+    block_m = 16 if interpreting else 32
+    block_n = min(64 if interpreting else 128, _pow2_at_least(r))
+    launchable(_norm_rows_kernel, weight)[(triton.cdiv(d_out, block_m),)](
+        u, bg, row_squares.contiguous(), out, w_rows, lora_A, lora_B, d_out, d_in, r, float(scaling),
+        u.stride(0), u.stride(1), bg.stride(0), bg.stride(1), w_rows.stride(0), w_rows.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, GRAM_HALVES=halves,
-        GRAM_UPCAST=mma_upcast(lora_B.dtype, torch.bfloat16 if halves else torch.float32),
-        BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if launch.interpreting() else 64,
+        AMPLIFICATION_LIMIT=reference.AMPLIFICATION_LIMIT, BG_HALVES=halves,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(32, _pow2_at_least(r)), BLOCK_K=32 if interpreting else 64,
         DENSE_ROWS=16, DENSE_UPCAST=mma_upcast(lora_B.dtype, lora_A.dtype),
-        **tiles,
+        num_warps=4, num_stages=1,
     )
     return out

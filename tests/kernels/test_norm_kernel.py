@@ -280,9 +280,10 @@ def test_cuda_cancelled_rows_are_recomputed_densely(d_out, d_in, r, fan_in_fan_o
 
 @pytest.mark.cuda
 def test_cuda_gemm_launches():
-    """The norm at d = 8192, r = 384, bf16, with ``||W||²`` given: cuBLAS's ``W Aᵀ`` and ``A Aᵀ`` (each
-    one kernel, or two when cuBLAS splits K) and one Triton launch, ``_norm_rows_kernel``, which forms
-    ``B G`` itself. Besides it: at least the two GEMMs, at most 2·2 = 4 kernels."""
+    """The norm at d = 8192, r = 384, bf16, with ``||W||²`` given: cuBLAS's ``W Aᵀ``, ``A Aᵀ`` and
+    ``B·[G_hi | G_lo]`` (each one kernel, or two when cuBLAS splits K) and two Triton launches,
+    ``_gram_halves_kernel`` and ``_norm_rows_kernel``. Besides them: at least the three GEMMs, at most
+    2·3 = 6 kernels."""
     weight, lora_A, lora_B = _make(8192, 8192, 384, torch.bfloat16, False, device="cuda")
     squares = weight.float().square().sum(1)
     norm.weight_norm(weight, lora_A, lora_B, 2.0, False, row_squares=squares)  # compile first
@@ -291,26 +292,24 @@ def test_cuda_gemm_launches():
         norm.weight_norm(weight, lora_A, lora_B, 2.0, False, row_squares=squares)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert [name for name in kernels if name.startswith("_")] == ["_norm_rows_kernel"], kernels
-    assert 2 <= len([name for name in kernels if not name.startswith("_")]) <= 4, kernels
+    assert [name for name in kernels if name.startswith("_")] == ["_gram_halves_kernel", "_norm_rows_kernel"], kernels
+    assert 3 <= len([name for name in kernels if not name.startswith("_")]) <= 6, kernels
 
 
 def test_gram_halves_hold_sixteen_bits():
-    """With ``W = 0`` and ``B = I`` the squared norm of row i is ``s²·G_ii``, one element of ``G``
-    through the rows kernel's split into two bf16 halves: it comes out to about 16 bits, where
-    ``G_hi`` alone would keep 8 (the rounding mode is Triton's: to nearest on GPUs, truncation in
-    the interpreter)."""
-    r, d_in, scaling = 37, 50, 1.5  # r not a multiple of the kernel's blocks
-    lora_A = torch.randn(r, d_in, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    lora_A = lora_A.to(SMALL_SHAPE_DEVICE)
-    weight = torch.zeros(r, d_in, dtype=torch.bfloat16, device=SMALL_SHAPE_DEVICE)
+    """``B·[G_hi | G_lo]`` with ``B = I``: ``G_hi`` is a bf16 value within one bf16 step of ``G`` (the
+    rounding mode is Triton's: to nearest on GPUs, truncation in the interpreter), and
+    ``G_hi + G_lo`` is ``G`` to about 16 bits (bf16 keeps 8)."""
+    r = 37  # not a multiple of the kernel's block
+    gram = torch.randn(r, r, generator=torch.Generator().manual_seed(0)).to(SMALL_SHAPE_DEVICE)
     eye = torch.eye(r, dtype=torch.bfloat16, device=SMALL_SHAPE_DEVICE)
-    got = norm.weight_norm(weight, lora_A, eye, scaling, False).double().square()
-    diagonal = lora_A.double().square().sum(1)
-    expected = scaling**2 * diagonal
-    assert ((got - expected).abs() <= 2.0**-14 * expected).all(), (got - expected).abs().max()
-    high_half_only = scaling**2 * diagonal.to(torch.bfloat16).double()
-    assert ((high_half_only - expected).abs() > 2.0**-14 * expected).any()  # the test can tell
+    product, halves = norm._times_gram(eye, gram)
+    assert halves and product.shape == (r, 2 * r) and product.dtype == torch.float32
+    hi, lo = product[:, :r], product[:, r:]
+    assert torch.equal(hi, hi.to(torch.bfloat16).float())
+    assert ((gram - hi).abs() <= 2.0**-7 * gram.abs()).all()
+    assert ((hi + lo - gram).abs() <= 2.0**-15 * gram.abs()).all()
+    assert ((gram - hi).abs() > 2.0**-15 * gram.abs()).any()  # the low half carries something
 
 
 def test_cancelled_rows_rule():
