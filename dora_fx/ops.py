@@ -28,7 +28,8 @@
     ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
     gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which recomputes ``adapted`` for
     those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B``
-    and ``s``.
+    and ``s``. Over a bitsandbytes 4-bit base, ``W`` is the packed weight with its block scales
+    (``absmax``, ``blocksize``, ``quant_type``, ``weight_dtype``), decoded only for those features.
 ``dora_fx::compose_with_adapted``
     The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one
     activation the magnitude's gradient needs (``∂out/∂m = adapted / norm``). Its autograd keeps
@@ -103,6 +104,17 @@ def _check_compose_inputs(
             f"compose: {name} must have shape ({features},), got {None if vec is None else tuple(vec.shape)}",
         )
     _check_same_device("compose", result, base, bias, lora, magnitude, norm)
+
+
+def _check_four_bit_weight(op: str, packed: Tensor, absmax: Tensor, blocksize: int, lora_A: Tensor, lora_B: Tensor) -> None:
+    """``packed`` and ``absmax`` hold a bitsandbytes 4-bit ``W [d_out, d_in]`` for these adapters."""
+    elements = lora_B.shape[0] * lora_A.shape[1]
+    _require(packed.dtype == torch.uint8 and packed.numel() * 2 >= elements,
+             f"{op}: a 4-bit weight is {(elements + 1) // 2} packed bytes (uint8), got {packed.dtype} "
+             f"{tuple(packed.shape)}")
+    _require(blocksize > 0 and absmax.numel() * blocksize >= elements and absmax.dtype == torch.float32,
+             f"{op}: absmax must hold float32 scales of {blocksize}-element blocks, got {absmax.dtype} "
+             f"{tuple(absmax.shape)}")
 
 
 @torch.library.triton_op("dora_fx::weight_norm", mutates_args=())
@@ -345,23 +357,33 @@ def compose_saving_output(
     lora_A: Tensor,
     lora_B: Tensor,
     fan_in_fan_out: bool,
+    absmax: Tensor | None = None,
+    blocksize: int = 0,
+    quant_type: str = "",
+    weight_dtype: torch.dtype | None = None,
 ) -> Tensor:
     _check_compose_inputs(result, None, None, scaled_lora, magnitude, norm)
+    if absmax is not None:
+        _check_four_bit_weight("compose_saving_output", weight, absmax, blocksize, lora_A, lora_B)
     return dispatch.compose(result, None, None, scaled_lora, magnitude, norm, 1.0)
 
 
+_FOUR_BIT_DEFAULTS = (None, 0, "", None)  # absmax, blocksize, quant_type, weight_dtype: a dense W
+
+
 def _compose_saving_output_setup_context(ctx, inputs, output):
-    result, scaled_lora, magnitude, norm, scaling, lora_input, weight, lora_A, lora_B, fan_in_fan_out = inputs
+    result, scaled_lora, magnitude, norm, scaling, lora_input, weight, lora_A, lora_B, fan_in_fan_out, *four_bit = inputs
     _remember_form(ctx, (result, None, None, scaled_lora, magnitude, norm, scaling))
     ctx.fan_in_fan_out = fan_in_fan_out
-    kept = (output, lora_input, weight, lora_A, lora_B) if ctx.needs_input_grad[2] else (None,) * 5
+    absmax, *ctx.four_bit = (*four_bit, *_FOUR_BIT_DEFAULTS[len(four_bit):])
+    kept = (output, lora_input, weight, lora_A, lora_B, absmax) if ctx.needs_input_grad[2] else (None,) * 6
     ctx.save_for_backward(magnitude, norm, *kept)
 
 
 def _compose_saving_output_backward(ctx, grad_out):
     """``g·d`` for ``result`` and ``scaled_lora`` (one tensor where their dtypes agree) and the
     magnitude's gradient ``Σ_tokens d·out / m``, or ``zero_magnitude_grad``'s where ``m = 0``."""
-    magnitude, norm, output, lora_input, weight, lora_A, lora_B = ctx.saved_tensors
+    magnitude, norm, output, lora_input, weight, lora_A, lora_B, absmax = ctx.saved_tensors
     form = (1.0, False, ctx.main_dtype, ctx.lora_dtype)
     grad_magnitude = None
     if output is None:
@@ -371,12 +393,13 @@ def _compose_saving_output_backward(ctx, grad_out):
             grad_out, output, magnitude, norm, *form, True
         )
         at_zero = torch.ops.dora_fx.zero_magnitude_grad(
-            grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out
+            grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out,
+            absmax, *ctx.four_bit,
         )
         grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
     if ctx.lora_dtype == ctx.main_dtype:
         grad_lora = grad_main
-    return grad_main, grad_lora, grad_magnitude, None, None, None, None, None, None, None
+    return grad_main, grad_lora, grad_magnitude, *(None,) * 11
 
 
 compose_saving_output.register_autograd(
@@ -391,16 +414,33 @@ compose_saving_output.register_autograd(
 # features only reads ``m`` and writes a zero. The op launches the kernel through the compiled form
 # Triton returned on its first launch (``launch.CompiledLaunches``): 54 µs of host time a call on the
 # H200 machine, against 119 µs through ``JITFunction.run``.
+# With ``absmax``, ``weight`` holds a bitsandbytes 4-bit weight's packed bytes (``blocksize``,
+# ``quant_type`` and ``weight_dtype`` as ``dequantize_4bit`` takes them), which the op reads in place.
 _lib.define(
     "zero_magnitude_grad(Tensor grad_out, Tensor lora_input, Tensor weight, Tensor lora_A, Tensor lora_B, "
-    "float scaling, Tensor magnitude, Tensor norm, bool fan_in_fan_out) -> Tensor"
+    "float scaling, Tensor magnitude, Tensor norm, bool fan_in_fan_out, Tensor? absmax=None, int blocksize=0, "
+    "str quant_type='', ScalarType? weight_dtype=None) -> Tensor"
 )
 
 
-# Called on real tensors: the Triton kernel on CUDA, the reference math elsewhere.
-_lib.impl("zero_magnitude_grad", dispatch.zero_magnitude_grad, "CompositeExplicitAutograd")
+def _zero_magnitude_grad(
+    grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out,
+    absmax=None, blocksize=0, quant_type="", weight_dtype=None,
+):
+    """Called on real tensors: the Triton kernel on CUDA, the reference math elsewhere."""
+    four_bit = None
+    if absmax is not None:
+        _check_four_bit_weight("zero_magnitude_grad", weight, absmax, blocksize, lora_A, lora_B)
+        four_bit = quantized.four_bit_form(absmax, blocksize, quant_type, weight_dtype)
+    return dispatch.zero_magnitude_grad(
+        grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out, four_bit
+    )
+
+
+_lib.impl("zero_magnitude_grad", _zero_magnitude_grad, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("dora_fx::zero_magnitude_grad", lib=_lib)
-def _zero_magnitude_grad_fake(grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out):
+def _zero_magnitude_grad_fake(grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out,
+                              absmax=None, blocksize=0, quant_type="", weight_dtype=None):
     return magnitude.new_empty(magnitude.shape, dtype=torch.float32)

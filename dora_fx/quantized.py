@@ -22,6 +22,7 @@ of PEFT's ``dequantize_module_weight`` for bitsandbytes weights (:func:`dequanti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -95,6 +96,22 @@ def dequantize_bnb(module: torch.nn.Module) -> Tensor:
         )
     scales = _int8_scales(module)
     return _bnb_ops().int8_vectorwise_dequant.default(weight.data, scales.to(weight.device))
+
+
+@functools.cache
+def four_bit_code(quant_type: str, device: torch.device) -> Tensor:
+    """float32 ``[16]``: the value of each 4-bit code of ``quant_type`` (``nf4``, ``fp4``), read off
+    bitsandbytes' own dequantization of the sixteen codes with a block scale of 1."""
+    codes = torch.arange(16, dtype=torch.uint8, device=device)
+    packed = ((codes[0::2] << 4) | codes[1::2]).repeat(4).reshape(-1, 1)  # one 64-element block
+    scale = torch.ones(1, dtype=torch.float32, device=device)
+    values = _bnb_ops().dequantize_4bit.default(packed, scale, 64, quant_type, [1, 64], torch.float32)
+    return values.reshape(-1)[:16].contiguous()
+
+
+def four_bit_form(absmax: Tensor, blocksize: int, quant_type: str, dtype: torch.dtype) -> reference.FourBit:
+    """What the kernels need besides the packed bytes to read a bitsandbytes 4-bit weight in place."""
+    return reference.FourBit(absmax, four_bit_code(quant_type, absmax.device), blocksize, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,3 +301,93 @@ def test_cuda_norm_transient_memory_for_a_4096_x_14336_nf4_layer():
     assert transient < 64 * 2**20, f"{transient / 2**20:.1f} MiB"
     dense = bnb.functional.dequantize_4bit(param.data, state)
     torch.testing.assert_close(norm, reference.weight_norm(dense, lora_A, lora_B, 2.0, False), rtol=2e-3, atol=0)
+
+
+def _four_bit_dora_layer(quant_type: str, zero_features: list[int], d_out: int = 64, d_in: int = 128, device="cpu"):
+    """One PEFT DoRA layer over a bitsandbytes 4-bit ``[d_out, d_in]`` base (float32 compute), with
+    ``m = 0`` at ``zero_features``. ``d_in`` a multiple of 64: bitsandbytes 0.50's CPU
+    ``dequantize_4bit`` matches its own quantization there (elsewhere its CPU path differs from the
+    flat block layout that its CUDA kernels and dora_fx read)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+    models.quantize_linears(model, ["0"], quant_type, compute_dtype=torch.float32, device=device)
+    model = get_peft_model(model, models.dora_config(["0"], 4, 0.0)).to(device)
+    models.randomize_adapters(model, torch.Generator().manual_seed(1), b_std=0.1)
+    magnitude = next(p for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    with torch.no_grad():
+        magnitude[zero_features] = 0
+    return model.train()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4-dq"])
+def test_four_bit_training_keeps_the_packed_weight_and_matches_eager_at_zero_magnitudes(quant_type, device):
+    """Over a 4-bit base the training compose keeps the output and the packed weight (no dense W, no
+    ``adapted``), and the magnitude's gradient at ``m = 0`` features, recomputed from the packed
+    weight, equals eager PEFT's."""
+    zero = [0, 5, 17, 18, 40]
+    x = torch.randn(2, 7, 128, generator=torch.Generator().manual_seed(3)).to(device)
+    inputs = {"input": x.requires_grad_()}
+    backend = RecordingBackend()
+    compiled = torch.compile(_four_bit_dora_layer(quant_type, zero, device=device), backend=backend, fullgraph=True)
+    out, grads = step(compiled, fresh(inputs), seed=3)
+    ref_out, ref_grads = step(_four_bit_dora_layer(quant_type, zero, device=device), fresh(inputs), seed=3)
+    counts = op_counts(backend.graphs[0])
+    assert counts[torch.ops.dora_fx.compose_saving_output.default] == 1
+    assert counts[torch.ops.dora_fx.compose_with_adapted.default] == 0
+    assert counts[torch.ops.bitsandbytes.dequantize_4bit.default] == 0
+    grad_m = next(g for n, g in ref_grads.items() if "lora_magnitude_vector" in n)
+    assert (grad_m[zero] != 0).all()  # the premise: those features do get a gradient
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_close_all(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_training_keeps_adapted():
+    """An 8-bit base's dequantized ``W`` is not read in place: its training compose keeps ``adapted``."""
+    backend, *_ = _compiled_and_eager("mlp", "int8", "train")
+    counts = op_counts(backend.graphs[0])
+    assert counts[torch.ops.dora_fx.compose_with_adapted.default] == 2
+    assert counts[torch.ops.dora_fx.compose_saving_output.default] == 0
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_four_bit_rows_decode_as_bitsandbytes_dequantizes(quant_type):
+    """dora_fx's reading of the packed bytes (``reference.dequantize_4bit_rows``, which the Triton
+    kernel mirrors) gives bitsandbytes' ``dequantize_4bit`` bit for bit, double-quantized scales too."""
+    for double_quant in (False, True):
+        param, packed = _packed_weight(70, 128, quant_type, double_quant, dtype=torch.bfloat16)
+        form = quantized.four_bit_form(packed.absmax, packed.blocksize, quant_type, packed.dtype)
+        dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+            param.data, packed.absmax, packed.blocksize, quant_type, [70, 128], packed.dtype
+        )
+        rows = torch.tensor([0, 3, 64, 69])
+        assert torch.equal(reference.dequantize_4bit_rows(param.data, form, rows, 128), dense[rows])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_zero_magnitude_kernel_reads_the_packed_weight(quant_type):
+    """The Triton kernel (the interpreter on the CPU) decoding the packed weight gives the magnitude's
+    gradient at ``m = 0`` features that the reference computes from the dequantized weight."""
+    from dora_fx.kernels import compose
+
+    d_out, d_in, r, tokens = 40, 128, 5, 13
+    param, packed = _packed_weight(d_out, d_in, quant_type, True, dtype=torch.bfloat16)
+    form = quantized.four_bit_form(packed.absmax, packed.blocksize, quant_type, packed.dtype)
+    dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+        param.data, packed.absmax, packed.blocksize, quant_type, [d_out, d_in], packed.dtype
+    )
+    gen = torch.Generator().manual_seed(4)
+    lora_A, lora_B = torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen)
+    x, grad_out = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, d_out, generator=gen)
+    magnitude = torch.rand(d_out, generator=gen) + 0.5
+    zero = [1, 2, 15, 39]
+    magnitude[zero] = 0
+    norm = torch.rand(d_out, generator=gen) + 0.5
+    args = (grad_out, x)
+    rest = (lora_A, lora_B, 1.5, magnitude, norm, False)
+    got = compose.zero_magnitude_grad(*args, param.data, *rest, form)
+    expected = reference.zero_magnitude_grad(*args, dense, *rest)
+    assert (got[magnitude != 0] == 0).all() and (expected[zero] != 0).all()
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())

@@ -368,16 +368,33 @@ def compose_backward(
 _ZERO_MAGNITUDE_BLOCK_N = 16
 
 
+# Triton's dtype for each dtype a dequantized bitsandbytes weight may have.
+_TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _four_bit_tile(packed_ptr, absmax_ptr, code_ptr, element, mask, blocksize, W_DTYPE: tl.constexpr):
+    """float32 values of the elements ``element`` (int64 offsets into the row-major ``W``) of a
+    bitsandbytes 4-bit weight, as ``dequantize_4bit`` gives them in ``W_DTYPE``: code ``c`` from the
+    high nibble of byte ``e // 2`` for even ``e``, the low one for odd, times ``absmax[e // blocksize]``
+    (:class:`dora_fx.kernels.reference.FourBit`)."""
+    byte = tl.load(packed_ptr + element // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where(element % 2 == 0, byte >> 4, byte & 15)
+    scale = tl.load(absmax_ptr + element // blocksize, mask=mask, other=0.0)
+    return (tl.load(code_ptr + code, mask=mask, other=0.0) * scale).to(W_DTYPE).to(tl.float32)
+
+
 @triton.jit(  # unspecialized integers and pointers: one compiled form serves every layer (CompiledLaunches)
     do_not_specialize=("n_rows", "d_out", "d_in", "r", "stride_grad", "stride_x", "stride_wm", "stride_wk",
-                       "stride_ar", "stride_ak", "stride_bm", "stride_br"),
-    do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "out_ptr"),
+                       "stride_ar", "stride_ak", "stride_bm", "stride_br", "blocksize"),
+    do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "out_ptr",
+                                    "absmax_ptr", "code_ptr"),
 )
 def _zero_magnitude_grad_kernel(
-    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, n_rows, d_out, d_in, r,
-    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, scaling,
+    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, absmax_ptr, code_ptr, n_rows, d_out, d_in, r,
+    stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, blocksize, scaling,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FOUR_BIT: tl.constexpr, W_DTYPE: tl.constexpr,
 ):
     """``out[j] = Σ_t d[t, j]·((W + s·B·A)_j · x_t) / norm_j`` for the features ``j`` with ``m_j = 0``,
     ``0`` for the others: the magnitude's gradient where the output (``g = 0``) cannot give back
@@ -386,7 +403,8 @@ def _zero_magnitude_grad_kernel(
     A program owns ``BLOCK_N`` features and returns at once when none of them has ``m_j = 0``, so the
     launch costs next to nothing without such features. Otherwise, tile by tile,
     ``adapted[T, N] = x[T, :]·(Wᵀ[:, N] + s·Aᵀ B[N]ᵀ)`` (float32, ``tf32x3``), never kept beyond a
-    ``[BLOCK_T, BLOCK_N]`` tile, and summed against ``d``.
+    ``[BLOCK_T, BLOCK_N]`` tile, and summed against ``d``. With ``FOUR_BIT``, ``w_ptr`` holds a
+    bitsandbytes 4-bit ``W``'s packed bytes, decoded tile by tile (:func:`_four_bit_tile`).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < d_out
@@ -405,11 +423,14 @@ def _zero_magnitude_grad_kernel(
                 ks = (k + offs_k).to(tl.int64)
                 mask_k = ks < d_in
                 x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-                w_t = tl.load(
-                    w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk,
-                    mask=mask_k[:, None] & zero[None, :],
-                    other=0.0,
-                ).to(tl.float32)  # [K, N]
+                mask_w = mask_k[:, None] & zero[None, :]
+                if FOUR_BIT:
+                    element = cols[None, :].to(tl.int64) * d_in + ks[:, None]  # [K, N] of the row-major W
+                    w_t = _four_bit_tile(w_ptr, absmax_ptr, code_ptr, element, mask_w, blocksize, W_DTYPE)
+                else:
+                    w_t = tl.load(
+                        w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk, mask=mask_w, other=0.0
+                    ).to(tl.float32)  # [K, N]
                 ba_t = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
                 for j in range(0, r, BLOCK_R):
                     mask_r = (j + offs_r) < r
@@ -442,9 +463,11 @@ def zero_magnitude_grad(
     magnitude: torch.Tensor,
     norm: torch.Tensor,
     fan_in_fan_out: bool,
+    four_bit: reference.FourBit | None = None,
 ) -> torch.Tensor:
     """float32 ``[d_out]``: the magnitude's gradient at the features with ``m = 0``, ``0`` elsewhere,
-    as :func:`reference.zero_magnitude_grad`, without a host synchronisation.
+    as :func:`reference.zero_magnitude_grad`, without a host synchronisation. With ``four_bit``,
+    ``weight`` holds a bitsandbytes 4-bit ``W``'s packed bytes, decoded where a feature needs them.
 
     The training backward calls this once per layer, and at most features the kernel only reads ``m``
     and writes a zero, so the call's cost is host time: on CUDA it launches the kept compiled kernel
@@ -455,16 +478,21 @@ def zero_magnitude_grad(
     grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
     x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
-    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude.contiguous(), norm.contiguous(), out)
+    if four_bit is None:
+        absmax, code, blocksize, w_dtype = out, out, 1, torch.float32  # absmax, code, W_DTYPE unused
+    else:
+        absmax, code, blocksize, w_dtype = four_bit.absmax, four_bit.code, four_bit.blocksize, four_bit.dtype
+    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude.contiguous(), norm.contiguous(), out, absmax, code)
     ints = (grad2.shape[0], d_out, d_in, r, grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
-            *lora_A.stride(), *lora_B.stride())
+            *lora_A.stride(), *lora_B.stride(), blocksize)
     grid = (triton.cdiv(d_out, _ZERO_MAGNITUDE_BLOCK_N), 1, 1)
-    constexprs = _zero_magnitude_constexprs(lora_A.dtype, lora_B.dtype)
+    constexprs = (*_zero_magnitude_constexprs(lora_A.dtype, lora_B.dtype), four_bit is not None,
+                  _TRITON_DTYPES[w_dtype])
     args = (*tensors, *ints, float(scaling), *constexprs)
     if launch.interpreting():
         _zero_magnitude_grad_kernel[grid](*args, num_warps=4)
     else:
-        key = (out.device.index, *(t.dtype for t in tensors), constexprs, launch.fits_int32(*ints))
+        key = (out.device.index, *(t.dtype for t in tensors), four_bit is not None, w_dtype, launch.fits_int32(*ints))
         _zero_magnitude_launches.launch(key, grid, args, num_warps=4)
     return out
 

@@ -7,6 +7,8 @@ Notation (DESIGN.md §3, §4): frozen weight ``W [d_out, d_in]`` (stored ``[d_in
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dora_fx.dtypes import compose_dtype, norm_dtype
@@ -207,6 +209,27 @@ def compose_backward(
     return grad_main, grad_lora, grad_magnitude
 
 
+@dataclasses.dataclass(frozen=True)
+class FourBit:
+    """How a bitsandbytes 4-bit weight ``W [d_out, d_in]`` is stored, besides its packed bytes: element
+    ``e`` of the row-major ``W`` is code ``c`` in byte ``e // 2`` (the high nibble for even ``e``) and
+    has the value ``code[c]·absmax[e // blocksize]``, rounded to ``dtype``, as bitsandbytes'
+    ``dequantize_4bit`` computes it."""
+
+    absmax: torch.Tensor  # float32 block scales (de-nested where the quant state is double-quantized)
+    code: torch.Tensor  # float32 [16]: the value of each 4-bit code (NF4's or FP4's table)
+    blocksize: int
+    dtype: torch.dtype
+
+
+def dequantize_4bit_rows(packed: torch.Tensor, form: FourBit, rows: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Rows ``rows`` of ``W [d_out, d_in]`` in ``form.dtype``, from its packed bytes (:class:`FourBit`)."""
+    element = rows.to(torch.int64)[:, None] * d_in + torch.arange(d_in, device=rows.device)
+    byte = packed.reshape(-1)[element // 2].to(torch.int32)
+    code = torch.where(element % 2 == 0, byte >> 4, byte & 15)
+    return (form.code.float()[code] * form.absmax.float()[element // form.blocksize]).to(form.dtype)
+
+
 def zero_magnitude_grad(
     grad_out: torch.Tensor,
     lora_input: torch.Tensor,
@@ -217,18 +240,23 @@ def zero_magnitude_grad(
     magnitude: torch.Tensor,
     norm: torch.Tensor,
     fan_in_fan_out: bool,
+    four_bit: FourBit | None = None,
 ) -> torch.Tensor:
     """float32 ``[d_out]``: ``Σ_tokens d·adapted / norm`` at the features with ``m = 0``, ``0`` elsewhere.
 
     There ``g = 0`` and the output says nothing of ``adapted``, so it is recomputed for those features
-    only: ``adapted[:, j] = x·(W + s·B·A)_jᵀ``, one row of ``W + s·B·A`` per such feature.
+    only: ``adapted[:, j] = x·(W + s·B·A)_jᵀ``, one row of ``W + s·B·A`` per such feature. With
+    ``four_bit``, ``weight`` holds a bitsandbytes 4-bit ``W``'s packed bytes (:class:`FourBit`).
     """
     zero = (magnitude == 0).nonzero().squeeze(1)
     out = torch.zeros(magnitude.shape, dtype=torch.float32, device=magnitude.device)
     if zero.numel() == 0:
         return out
     d_in = lora_A.shape[1]
-    w_rows = (weight.T if fan_in_fan_out else weight)[zero].float()
+    if four_bit is None:
+        w_rows = (weight.T if fan_in_fan_out else weight)[zero].float()
+    else:
+        w_rows = dequantize_4bit_rows(weight, four_bit, zero, d_in).float()
     adapted_rows = w_rows + scaling * (lora_B[zero].float() @ lora_A.float())  # [zeros, d_in]
     x = lora_input.reshape(-1, d_in).float()
     d = grad_out.reshape(-1, grad_out.shape[-1])[:, zero].float()

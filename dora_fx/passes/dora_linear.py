@@ -40,6 +40,7 @@ import torch.fx as fx
 import dora_fx.ops  # noqa: F401  (registers torch.ops.dora_fx.*)
 from dora_fx import dtypes
 from dora_fx.passes import graph_view as gv
+from dora_fx.passes import quantized_norm
 from dora_fx.passes import recompute
 from dora_fx.passes.records import GraphRewrites, PassResult, RewrittenRegion
 from dora_fx.report import NearMiss, RegionCode, module_class, module_path
@@ -430,28 +431,44 @@ def _compose_call(graph: fx.Graph, region: Region, norm: fx.Node) -> tuple[objec
     ``out``, which the layer's consumer usually keeps anyway, and ``W`` (for the magnitude's gradient
     where ``m = 0``), which then costs nothing. It takes the LoRA output with ``s`` moved onto the
     ``r``-wide activation (:func:`_scaled_lora`), so that the base GEMM and ``lora_B`` get one
-    gradient tensor between them. A ``W`` the graph computes (a dequantized bitsandbytes or torchao
-    weight) would be kept as a dense activation of its own, so there, as otherwise and for outputs of
-    fewer than :data:`KEEP_OUTPUT_MIN_ROWS` rows, ``compose_with_adapted``, which keeps
+    gradient tensor between them. Over a bitsandbytes 4-bit base it keeps the packed weight in place
+    of ``W`` (:func:`_kept_weight`). Any other ``W`` the graph computes (an 8-bit or torchao
+    dequantization) would be kept as a dense activation of its own, so there, as otherwise and for
+    outputs of fewer than :data:`KEEP_OUTPUT_MIN_ROWS` rows, ``compose_with_adapted``, which keeps
     ``adapted = base + s·lora``.
     """
     nodes = region.nodes
     compose_args = (nodes["result"], region.base, region.bias, nodes["lora"], nodes["m"], norm, region.scaling)
     if not _magnitude_needs_grad(region):
         return torch.ops.dora_fx.compose.default, compose_args
+    kept_weight = _kept_weight(region)
     if (
         region.base is None
         and region.bias is None
-        and _is_graph_input(region.weight)
+        and kept_weight is not None
         and set(gv.real_users(nodes["lora"])) <= set(nodes.values())
         and _keeps_output_pays(region)
     ):
         lora_input = nodes["a_x"].args[0]  # as lora_A reads it: kept for lora_A's gradient anyway
         return torch.ops.dora_fx.compose_saving_output.default, (
             nodes["result"], _scaled_lora(graph, region), nodes["m"], norm, region.scaling,
-            lora_input, region.weight, nodes["A"], nodes["B"], region.fan_in_fan_out,
+            lora_input, kept_weight[0], nodes["A"], nodes["B"], region.fan_in_fan_out, *kept_weight[1:],
         )
     return torch.ops.dora_fx.compose_with_adapted.default, compose_args
+
+
+def _kept_weight(region: Region) -> tuple | None:
+    """What ``compose_saving_output`` keeps of ``W`` for the features with ``m = 0``, as its arguments
+    from ``weight`` on: ``W`` itself where the graph receives it; for a bitsandbytes 4-bit ``W`` the
+    graph dequantizes, the packed weight and its block scales (the dequantization is then left
+    unread and erased). None for any other computed ``W``, which would be kept as a dense activation."""
+    if _is_graph_input(region.weight):
+        return (region.weight,)
+    found = quantized_norm.quantized_norm(region.weight, region.fan_in_fan_out)
+    if found is None or found.op is not torch.ops.dora_fx.weight_norm_4bit.default:
+        return None
+    packed, absmax, blocksize, quant_type, _shape, dtype = found.weight_args
+    return packed, absmax, blocksize, quant_type, dtype
 
 
 def _scaled_lora(graph: fx.Graph, region: Region) -> fx.Node:
