@@ -381,7 +381,19 @@ def _four_bit_tile(packed_ptr, absmax_ptr, code_ptr, element, mask, blocksize, W
     byte = tl.load(packed_ptr + element // 2, mask=mask, other=0).to(tl.int32)
     code = tl.where(element % 2 == 0, byte >> 4, byte & 15)
     scale = tl.load(absmax_ptr + element // blocksize, mask=mask, other=0.0)
-    return (tl.load(code_ptr + code, mask=mask, other=0.0) * scale).to(W_DTYPE).to(tl.float32)
+    value = tl.load(code_ptr + code, mask=mask, other=0.0) * scale
+    if W_DTYPE == tl.bfloat16:
+        return _rounded_to_bfloat16(value)
+    return value.to(W_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rounded_to_bfloat16(x):
+    """Finite float32 ``x`` rounded to the nearest bfloat16, ties to even, as float32: by integer
+    arithmetic on the bits, because Triton's interpreter truncates a bfloat16 cast (3.9 does)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit(  # unspecialized integers and pointers: one compiled form serves every layer (CompiledLaunches)
