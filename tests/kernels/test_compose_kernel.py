@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dora_fx.kernels import compose, reference
 
@@ -307,3 +309,27 @@ def test_zero_magnitude_grad_relaunches_its_compiled_kernel_for_other_layouts():
         expected = reference.zero_magnitude_grad(*args)
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
     assert len(launches._compiled) == 1
+
+
+@triton.jit
+def _rounded_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, compose._rounded_to_bfloat16(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_bfloat16_rounding_of_the_four_bit_decode_is_round_to_nearest_even():
+    """``_rounded_to_bfloat16`` (the 4-bit decode's rounding) gives torch's float32 -> bfloat16 cast
+    bit for bit, ties, negatives and the largest finite values included, here and under the interpreter
+    (whose own bfloat16 cast truncates)."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=gen, dtype=torch.int64).to(torch.int32)
+    random = bits.view(torch.float32)
+    random = random[random.abs() < torch.finfo(torch.bfloat16).max]  # finite, and finite once rounded
+    # Exact ties between two bfloat16 values, with an even and an odd lower neighbour, of both signs.
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x40490000 | 0x8000, 0x7F7E8000], dtype=torch.int32)
+    ties = ties.view(torch.float32)
+    x = torch.cat([random, ties, -ties, torch.tensor([0.0, -0.0, 1.0, 1e-40])]).to(SMALL_SHAPE_DEVICE)
+    out = torch.empty_like(x)
+    _rounded_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    assert torch.equal(out.view(torch.int32), x.bfloat16().float().view(torch.int32))
