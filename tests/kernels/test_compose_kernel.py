@@ -322,6 +322,8 @@ def test_bfloat16_rounding_of_the_four_bit_decode_is_round_to_nearest_even():
     """``_rounded_to_bfloat16`` (the 4-bit decode's rounding) gives torch's float32 -> bfloat16 cast
     bit for bit, ties, negatives and the largest finite values included, here and under the interpreter
     (whose own bfloat16 cast truncates)."""
+    # The premise: torch's cast rounds to nearest, ties to even (1 + 2^-8 is a tie between 1 and 1 + 2^-7).
+    assert torch.tensor([1 + 2**-8, 1 + 3 * 2**-8]).bfloat16().tolist() == [1.0, 1 + 2**-6]
     gen = torch.Generator().manual_seed(0)
     bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=gen, dtype=torch.int64).to(torch.int32)
     random = bits.view(torch.float32)
