@@ -79,7 +79,7 @@ def zero_magnitude_rows(layer: list[tuple], tokens: int, s: float, calls: int) -
         x = torch.randn(tokens, d_in, device="cuda", dtype=w.dtype, generator=g)
         magnitude = torch.rand(d_out, device="cuda", dtype=w.dtype, generator=g) + 0.5
         norm = torch.rand(d_out, device="cuda", dtype=torch.float32, generator=g) + 0.5
-        inputs.append((grad_out, x, w, a, b, s, magnitude, norm, False))
+        inputs.append((torch.zeros_like(norm), grad_out, x, w, a, b, s, magnitude, norm, False))
     ways = {
         "zero_magnitude_grad op": torch.ops.dora_fx.zero_magnitude_grad,
         "its entry point (no op dispatch)": dispatch.zero_magnitude_grad,

@@ -26,8 +26,8 @@
     have the same gradient, ``g·d``: one tensor serves the base GEMM's and ``lora_B``'s backward.
     The backward keeps the output itself, which the layer's consumer usually keeps anyway, in place of
     ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
-    gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which recomputes ``adapted`` for
-    those features from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B``
+    gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which takes the gradient from the
+    output and replaces it at those features, recomputing ``adapted`` there from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B``
     and ``s``. Over a bitsandbytes 4-bit base, ``W`` is the packed weight with its block scales
     (``absmax``, ``blocksize``, ``quant_type``, ``weight_dtype``), decoded only for those features.
 ``dora_fx::compose_with_adapted``
@@ -392,11 +392,10 @@ def _compose_saving_output_backward(ctx, grad_out):
         grad_main, grad_lora, grad_magnitude = torch.ops.dora_fx.compose_backward(
             grad_out, output, magnitude, norm, *form, True
         )
-        at_zero = torch.ops.dora_fx.zero_magnitude_grad(
-            grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm, ctx.fan_in_fan_out,
-            absmax, *ctx.four_bit,
+        grad_magnitude = torch.ops.dora_fx.zero_magnitude_grad(
+            grad_magnitude, grad_out, lora_input, weight, lora_A, lora_B, ctx.scaling, magnitude, norm,
+            ctx.fan_in_fan_out, absmax, *ctx.four_bit,
         )
-        grad_magnitude = torch.where(magnitude == 0, at_zero.to(grad_magnitude.dtype), grad_magnitude)
     if ctx.lora_dtype == ctx.main_dtype:
         grad_lora = grad_main
     return grad_main, grad_lora, grad_magnitude, *(None,) * 11
@@ -411,20 +410,26 @@ compose_saving_output.register_autograd(
 # API (a light call). As a ``triton_op`` its kernel would be launched from Inductor's code, but
 # Inductor then analyses the kernel (Triton's TTIR) at every call site: about 0.2 s of compile per
 # layer (5.6 s of the 4-layer Llama stack's 32.5 s first call on an H200), for a kernel that at most
-# features only reads ``m`` and writes a zero. The op launches the kernel through the compiled form
+# features only copies the gradient from the output. The op launches the kernel through the compiled form
 # Triton returned on its first launch (``launch.CompiledLaunches``): 54 µs of host time a call on the
 # H200 machine, against 119 µs through ``JITFunction.run``.
 # With ``absmax``, ``weight`` holds a bitsandbytes 4-bit weight's packed bytes (``blocksize``,
 # ``quant_type`` and ``weight_dtype`` as ``dequantize_4bit`` takes them), which the op reads in place.
+# It takes the gradient from the output (``grad_magnitude``) and returns it completed, rather than
+# leaving a ``where`` to the graph: that ``where`` would need this op's result inside the column sum's
+# kernel, which then could not be fused with the pass that produces ``grad_out`` (this op reads
+# ``grad_out``). ``flexible_layout``: Inductor passes its inputs as they are laid out; with fixed
+# strides it wrote a second copy of ``lora_input`` for the op next to the one the GEMMs read.
 _lib.define(
-    "zero_magnitude_grad(Tensor grad_out, Tensor lora_input, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "zero_magnitude_grad(Tensor grad_magnitude, Tensor grad_out, Tensor lora_input, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "float scaling, Tensor magnitude, Tensor norm, bool fan_in_fan_out, Tensor? absmax=None, int blocksize=0, "
-    "str quant_type='', ScalarType? weight_dtype=None) -> Tensor"
+    "str quant_type='', ScalarType? weight_dtype=None) -> Tensor",
+    tags=(torch.Tag.flexible_layout,),
 )
 
 
 def _zero_magnitude_grad(
-    grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out,
+    grad_magnitude, grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out,
     absmax=None, blocksize=0, quant_type="", weight_dtype=None,
 ):
     """Called on real tensors: the Triton kernel on CUDA, the reference math elsewhere."""
@@ -433,7 +438,7 @@ def _zero_magnitude_grad(
         _check_four_bit_weight("zero_magnitude_grad", weight, absmax, blocksize, lora_A, lora_B)
         four_bit = quantized.four_bit_form(absmax, blocksize, quant_type, weight_dtype)
     return dispatch.zero_magnitude_grad(
-        grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out, four_bit
+        grad_magnitude, grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out, four_bit
     )
 
 
@@ -441,6 +446,6 @@ _lib.impl("zero_magnitude_grad", _zero_magnitude_grad, "CompositeExplicitAutogra
 
 
 @torch.library.register_fake("dora_fx::zero_magnitude_grad", lib=_lib)
-def _zero_magnitude_grad_fake(grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm, fan_in_fan_out,
-                              absmax=None, blocksize=0, quant_type="", weight_dtype=None):
-    return magnitude.new_empty(magnitude.shape, dtype=torch.float32)
+def _zero_magnitude_grad_fake(grad_magnitude, grad_out, lora_input, weight, lora_A, lora_B, scaling, magnitude, norm,
+                              fan_in_fan_out, absmax=None, blocksize=0, quant_type="", weight_dtype=None):
+    return torch.empty_like(grad_magnitude, memory_format=torch.contiguous_format)

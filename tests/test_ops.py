@@ -173,7 +173,7 @@ def test_compose_saving_output_and_zero_magnitude_grad_opcheck():
     grad_out = torch.randn_like(result)
     torch.library.opcheck(
         torch.ops.dora_fx.zero_magnitude_grad.default,
-        (grad_out, x, weight, lora_A, lora_B, 1.5, magnitude.detach(), norm, False),
+        (torch.randn_like(magnitude), grad_out, x, weight, lora_A, lora_B, 1.5, magnitude.detach(), norm, False),
     )
 
 

@@ -11,8 +11,9 @@ output without bias (``result - bias`` when PEFT reuses the base layer's output)
   ``grad_lora`` and, per block of rows, the column sums ``Σ_rows d·adapted`` into a float32
   ``[row_blocks, N]`` buffer that ``_column_sum_kernel`` reduces and divides by ``norm`` (no atomics),
   or by ``m`` when the saved tensor is the output ``g·adapted``.
-- ``_zero_magnitude_grad_kernel``: the magnitude's gradient at the features with ``m = 0``, where the
-  output cannot give ``adapted`` back; programs without such features return at once.
+- ``_zero_magnitude_grad_kernel``: the magnitude's gradient from the output, completed at the
+  features with ``m = 0``, where the output cannot give ``adapted`` back; programs without such
+  features only copy theirs.
 
 Inputs are ``[..., N]``; leading dimensions are flattened into rows addressed with int64 offsets
 through a row stride, so row-strided views need no copy.
@@ -399,21 +400,21 @@ def _rounded_to_bfloat16(x):
 @triton.jit(  # unspecialized integers and pointers: one compiled form serves every layer (CompiledLaunches)
     do_not_specialize=("n_rows", "d_out", "d_in", "r", "stride_grad", "stride_x", "stride_wm", "stride_wk",
                        "stride_ar", "stride_ak", "stride_bm", "stride_br", "blocksize"),
-    do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "out_ptr",
-                                    "absmax_ptr", "code_ptr"),
+    do_not_specialize_on_alignment=("grad_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "m_ptr", "norm_ptr", "gm_ptr",
+                                    "out_ptr", "absmax_ptr", "code_ptr"),
 )
 def _zero_magnitude_grad_kernel(
-    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, out_ptr, absmax_ptr, code_ptr, n_rows, d_out, d_in, r,
+    grad_ptr, x_ptr, w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, gm_ptr, out_ptr, absmax_ptr, code_ptr, n_rows, d_out, d_in, r,
     stride_grad, stride_x, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, blocksize, scaling,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, FOUR_BIT: tl.constexpr, W_DTYPE: tl.constexpr,
 ):
     """``out[j] = Σ_t d[t, j]·((W + s·B·A)_j · x_t) / norm_j`` for the features ``j`` with ``m_j = 0``,
-    ``0`` for the others: the magnitude's gradient where the output (``g = 0``) cannot give back
-    ``adapted = (W + s·B·A)·x``.
+    the gradient from the output ``gm[j]`` for the others: the magnitude's gradient where the output
+    (``g = 0``) cannot give back ``adapted = (W + s·B·A)·x``.
 
-    A program owns ``BLOCK_N`` features and returns at once when none of them has ``m_j = 0``, so the
-    launch costs next to nothing without such features. Otherwise, tile by tile,
+    A program owns ``BLOCK_N`` features and only copies ``gm`` when none of them has ``m_j = 0``, so
+    the launch costs next to nothing without such features. Otherwise, tile by tile,
     ``adapted[T, N] = x[T, :]·(Wᵀ[:, N] + s·Aᵀ B[N]ᵀ)`` (float32, ``tf32x3``), never kept beyond a
     ``[BLOCK_T, BLOCK_N]`` tile, and summed against ``d``. With ``FOUR_BIT``, ``w_ptr`` holds a
     bitsandbytes 4-bit ``W``'s packed bytes, decoded tile by tile (:func:`_four_bit_tile`).
@@ -461,11 +462,13 @@ def _zero_magnitude_grad_kernel(
             d = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask_t[:, None] & zero[None, :], other=0.0)
             total += tl.sum(d.to(tl.float32) * adapted, axis=0)
         n = tl.load(norm_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
-        total = tl.where(zero, tl.div_rn(total, n), 0.0)
-    tl.store(out_ptr + cols, total, mask=mask_n)
+        total = tl.div_rn(total, n)
+    from_output = tl.load(gm_ptr + cols, mask=mask_n, other=0.0)
+    tl.store(out_ptr + cols, tl.where(zero, total.to(from_output.dtype), from_output), mask=mask_n)
 
 
 def zero_magnitude_grad(
+    grad_magnitude: torch.Tensor,
     grad_out: torch.Tensor,
     lora_input: torch.Tensor,
     weight: torch.Tensor,
@@ -477,16 +480,16 @@ def zero_magnitude_grad(
     fan_in_fan_out: bool,
     four_bit: reference.FourBit | None = None,
 ) -> torch.Tensor:
-    """float32 ``[d_out]``: the magnitude's gradient at the features with ``m = 0``, ``0`` elsewhere,
-    as :func:`reference.zero_magnitude_grad`, without a host synchronisation. With ``four_bit``,
+    """``grad_magnitude`` with the exact gradient at the features with ``m = 0``, as
+    :func:`reference.zero_magnitude_grad`, without a host synchronisation. With ``four_bit``,
     ``weight`` holds a bitsandbytes 4-bit ``W``'s packed bytes, decoded where a feature needs them.
 
-    The training backward calls this once per layer, and at most features the kernel only reads ``m``
-    and writes a zero, so the call's cost is host time: on CUDA it launches the kept compiled kernel
+    The training backward calls this once per layer, and at most features the kernel only copies
+    ``grad_magnitude``, so the call's cost is host time: on CUDA it launches the kept compiled kernel
     (``_zero_magnitude_launches``; 54 against 119 µs a call through ``kernel[grid]`` on the H200
     machine's host)."""
     (d_out, r), d_in = lora_B.shape, lora_A.shape[1]
-    out = torch.empty((d_out,), dtype=torch.float32, device=grad_out.device)
+    out = torch.empty((d_out,), dtype=grad_magnitude.dtype, device=grad_out.device)
     grad2 = _rows(grad_out, grad_out.numel() // d_out, d_out)
     x2 = _rows(lora_input, lora_input.numel() // d_in, d_in)
     stride_wm, stride_wk = weight.stride()[::-1] if fan_in_fan_out else weight.stride()
@@ -494,7 +497,8 @@ def zero_magnitude_grad(
         absmax, code, blocksize, w_dtype = out, out, 1, torch.float32  # absmax, code, W_DTYPE unused
     else:
         absmax, code, blocksize, w_dtype = four_bit.absmax, four_bit.code, four_bit.blocksize, four_bit.dtype
-    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude.contiguous(), norm.contiguous(), out, absmax, code)
+    tensors = (grad2, x2, weight, lora_A, lora_B, magnitude.contiguous(), norm.contiguous(), grad_magnitude.contiguous(),
+               out, absmax, code)
     ints = (grad2.shape[0], d_out, d_in, r, grad2.stride(0), x2.stride(0), stride_wm, stride_wk,
             *lora_A.stride(), *lora_B.stride(), blocksize)
     grid = (triton.cdiv(d_out, _ZERO_MAGNITUDE_BLOCK_N), 1, 1)

@@ -231,6 +231,7 @@ def dequantize_4bit_rows(packed: torch.Tensor, form: FourBit, rows: torch.Tensor
 
 
 def zero_magnitude_grad(
+    grad_magnitude: torch.Tensor,
     grad_out: torch.Tensor,
     lora_input: torch.Tensor,
     weight: torch.Tensor,
@@ -242,14 +243,15 @@ def zero_magnitude_grad(
     fan_in_fan_out: bool,
     four_bit: FourBit | None = None,
 ) -> torch.Tensor:
-    """float32 ``[d_out]``: ``Σ_tokens d·adapted / norm`` at the features with ``m = 0``, ``0`` elsewhere.
+    """``grad_magnitude`` (the gradient from the output, ``Σ_tokens d·out / m``) with its features where
+    ``m = 0`` replaced by ``Σ_tokens d·adapted / norm``, in ``grad_magnitude``'s dtype.
 
     There ``g = 0`` and the output says nothing of ``adapted``, so it is recomputed for those features
     only: ``adapted[:, j] = x·(W + s·B·A)_jᵀ``, one row of ``W + s·B·A`` per such feature. With
     ``four_bit``, ``weight`` holds a bitsandbytes 4-bit ``W``'s packed bytes (:class:`FourBit`).
     """
     zero = (magnitude == 0).nonzero().squeeze(1)
-    out = torch.zeros(magnitude.shape, dtype=torch.float32, device=magnitude.device)
+    out = grad_magnitude.clone()
     if zero.numel() == 0:
         return out
     d_in = lora_A.shape[1]
@@ -260,7 +262,7 @@ def zero_magnitude_grad(
     adapted_rows = w_rows + scaling * (lora_B[zero].float() @ lora_A.float())  # [zeros, d_in]
     x = lora_input.reshape(-1, d_in).float()
     d = grad_out.reshape(-1, grad_out.shape[-1])[:, zero].float()
-    out[zero] = (d * (x @ adapted_rows.T)).sum(dim=0) / norm[zero].float()
+    out[zero] = ((d * (x @ adapted_rows.T)).sum(dim=0) / norm[zero].float()).to(out.dtype)
     return out
 
 
