@@ -12,6 +12,7 @@
 #      bench_model.py of that copy with ${BASELINE_ARGS:---seq 4096} for ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
 #      (into model_baseline.json): that version against the same LoRA contender, in the same call (at most 280 s);
 #   3. unless RUN_512=0, bench_model.py at 1 x 512 tokens: every contender, fwd and fwd+bwd (the time left).
+# With OUTPUT_CODE=1, Inductor's generated code of step 2 goes to $OUT/output_code.log.gz.
 # Both bench_model.py runs time their steps again in ${INTERLEAVE:-5} interleaved rounds (--interleave).
 # Estimate (H200, compile times of DESIGN.md §7): set-up 15 s; the 4096 run about 250 s (first calls: LoRA +
 # Inductor 10 + 20 s, dora_fx 19 + 75 s, PEFT + Inductor 15 + 39 s; builds, references and measurements
@@ -43,7 +44,9 @@ bench() {  # bench NAME LIMIT_S ARGS...: bench_model.py (of ${ROOT:-.}) into $OU
 [ -n "${PROFILE:-}" ] && TAIL=50 run_step "$LOG" profile_step "$(left 150)" python3 benchmarks/profile_step.py --seq "${PROFILE_SEQ:-512}" \
   --out "$OUT/profile"
 [ "${SMALL:-1}" != 0 ] && TAIL=20 run_step "$LOG" small_batch "$(left 80)" python3 benchmarks/bench_small_batch.py --out "$OUT/small_batch.json"
+[ -n "${OUTPUT_CODE:-}" ] && export TORCH_LOGS=output_code TORCH_LOGS_OUT=$OUT/output_code.log
 bench model_4096 "$(left 280)" --seq 4096 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_4096:-lora_inductor dora_fx dora_fx_cached inductor eager}
+[ -n "${OUTPUT_CODE:-}" ] && { unset TORCH_LOGS TORCH_LOGS_OUT; gzip -f "$OUT/output_code.log"; }
 [ -n "${BASELINE_DIR:-}" ] && ROOT=$BASELINE_DIR bench model_baseline "$(left 280)" ${BASELINE_ARGS:---seq 4096} \
   --interleave "${INTERLEAVE:-5}" --contenders ${BASELINE_CONTENDERS:-lora_inductor dora_fx}
 [ "${RUN_512:-1}" != 0 ] && bench model_512 "$(left)" --seq 512 --interleave "${INTERLEAVE:-5}" --contenders ${CONTENDERS_512:-lora_inductor dora_fx dora_fx_cached inductor eager} \
