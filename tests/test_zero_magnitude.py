@@ -61,3 +61,27 @@ def test_cuda_zero_magnitude_path_is_one_op_call_in_inductor_code():
     assert code.count("torch.ops.dora_fx.zero_magnitude_grad.default(") == 1
     assert "_zero_magnitude_grad_kernel" not in code
     sl.assert_matches(ours, sl.step(model, model, x))
+
+
+def test_inductor_writes_the_lora_input_once_for_the_op_and_the_gemms():
+    """The op takes its inputs as Inductor lays them out (``flexible_layout``): the down projection's
+    input ``silu(gate)·up``, recomputed in the backward, is one buffer that the op and ``lora_A``'s
+    gradient GEMM both read, not two copies of the same values."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from dora_fx.examples import models
+
+    example = models.build("llama", hidden=64, layers=1)
+    model = example.model.train()
+    inputs = example.make_inputs(torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=dora_fx.DoraBackend(inner="inductor"))
+    _, codes = run_and_get_code(lambda: compiled(**inputs, labels=inputs["input_ids"]).loss.backward())
+    code = "\n".join(codes)
+    calls = re.findall(r"torch\.ops\.dora_fx\.zero_magnitude_grad\.default\(\w+, \w+, (buf\d+),", code)
+    assert calls, "no layer's LoRA input is computed in the backward: the test's premise"
+    gemm_calls = [line for line in code.splitlines() if "extern_kernels.mm(" in line]
+    for buffer in calls:
+        read = [line.split("out=")[0] for line in gemm_calls]
+        assert any(re.search(rf"\b{buffer}\b", operands) for operands in read), f"{buffer} is read by the op alone"
