@@ -27,8 +27,8 @@
     The backward keeps the output itself, which the layer's consumer usually keeps anyway, in place of
     ``adapted = out / g``: no activation of its own. Where ``m = 0`` (``g = 0``) the magnitude's
     gradient comes from ``dora_fx::zero_magnitude_grad`` instead, which takes the gradient from the
-    output and replaces it at those features, recomputing ``adapted`` there from the LoRA input (kept for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B``
-    and ``s``. Over a bitsandbytes 4-bit base, ``W`` is the packed weight with its block scales
+    output and replaces it at those features, recomputing ``adapted`` there from the LoRA input (kept
+    for ``lora_A``'s gradient anyway), ``W``, ``A``, ``B`` and ``s``. Over a bitsandbytes 4-bit base, ``W`` is the packed weight with its block scales
     (``absmax``, ``blocksize``, ``quant_type``, ``weight_dtype``), decoded only for those features.
 ``dora_fx::compose_with_adapted``
     The same output, and ``adapted = base + s·lora`` from the same read of the inputs: the one

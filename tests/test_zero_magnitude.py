@@ -81,7 +81,7 @@ def test_inductor_writes_the_lora_input_once_for_the_op_and_the_gemms():
     code = "\n".join(codes)
     calls = re.findall(r"torch\.ops\.dora_fx\.zero_magnitude_grad\.default\(\w+, \w+, (buf\d+),", code)
     assert calls, "no layer's LoRA input is computed in the backward: the test's premise"
-    gemm_calls = [line for line in code.splitlines() if "extern_kernels.mm(" in line]
+    gemm_operands = [line.split("out=")[0] for line in code.splitlines() if "extern_kernels.mm(" in line]
+    assert gemm_operands, "the GEMMs are not extern cuBLAS/CPU calls in Inductor's code: the test's premise"
     for buffer in calls:
-        read = [line.split("out=")[0] for line in gemm_calls]
-        assert any(re.search(rf"\b{buffer}\b", operands) for operands in read), f"{buffer} is read by the op alone"
+        assert any(re.search(rf"\b{buffer}\b", operands) for operands in gemm_operands), f"{buffer} is read by the op alone"
